@@ -1,0 +1,263 @@
+"""Dense linear algebra shared by adapters, reparameterizations and optimizers.
+
+Pure `jax.numpy`; nothing of lowrank_jax is imported here. Every routine
+accumulates in float32 (or the input dtype if wider) and returns arrays in that
+accumulation dtype; callers cast back to their parameter dtype.
+
+Conventions: a matrix ``w`` has shape (m, n). A truncated SVD returns
+``(u, s, vt)`` with ``u`` (m, k), ``s`` (k,) descending, ``vt`` (k, n), so
+``u @ diag(s) @ vt`` is the best rank-k approximation (Eckart-Young).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+  """float32 for half/bfloat16/float32 inputs; float64 stays float64."""
+  dtype = jnp.dtype(dtype)
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _as_float(w: Array) -> Array:
+  w = jnp.asarray(w)
+  return w.astype(accumulation_dtype(w.dtype))
+
+
+def _check_matrix(w: Array, name: str = "w") -> None:
+  if w.ndim != 2:
+    raise ValueError(f"{name} must be a 2-D matrix, got shape {w.shape}.")
+
+
+def _check_rank(k: int, shape: Sequence[int], what: str = "rank") -> None:
+  limit = min(shape)
+  if not isinstance(k, int) or k <= 0 or k > limit:
+    raise ValueError(
+        f"{what} must be an integer in [1, min{tuple(shape)} = {limit}], got {k!r}."
+    )
+
+
+def svd_topk(w: Array, k: int, *, largest: bool = True) -> tuple[Array, Array, Array]:
+  """Exact truncated SVD: the top-k (or bottom-k) singular triplets of ``w``.
+
+  Args:
+    w: (m, n) matrix.
+    k: number of triplets, 1 <= k <= min(m, n).
+    largest: True for the k largest singular values (PiSSA), False for the k
+      smallest (MiLoRA). Values are returned in descending order either way.
+
+  Returns:
+    ``(u, s, vt)`` with shapes (m, k), (k,), (k, n).
+  """
+  _check_matrix(w)
+  _check_rank(k, w.shape)
+  u, s, vt = jnp.linalg.svd(_as_float(w), full_matrices=False)
+  if largest:
+    return u[:, :k], s[:k], vt[:k]
+  return u[:, -k:], s[-k:], vt[-k:]
+
+
+def orthonormalize(x: Array) -> Array:
+  """Orthonormal basis of the column span of ``x`` (m, k), m >= k, by QR.
+
+  Signs are fixed so that diag(R) >= 0, which makes the result a deterministic
+  function of ``x`` (Householder QR alone is only unique up to column signs).
+  """
+  _check_matrix(x, "x")
+  q, r = jnp.linalg.qr(_as_float(x))
+  signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
+  return q * signs[None, :]
+
+
+def randomized_svd(
+    w: Array,
+    k: int,
+    *,
+    key: Array,
+    niter: int = 2,
+    oversample: int = 8,
+) -> tuple[Array, Array, Array]:
+  """Randomized truncated SVD by subspace (power) iteration.
+
+  Halko, Martinsson & Tropp, "Finding structure with randomness" (2011),
+  Algorithms 4.4 + 5.1: sample ``Y = W Omega`` with a Gaussian ``Omega`` of
+  ``k + oversample`` columns, orthonormalize, run ``niter`` rounds of
+  ``Q <- orth(W orth(W^T Q))``, then take the exact SVD of the small
+  ``Q^T W``. Error falls geometrically in ``niter`` with the spectral gap.
+  ``niter=k, oversample=0`` is the setting of ``torch.svd_lowrank(q=k)`` that
+  PEFT's ``pissa_niter_k`` uses.
+
+  Args:
+    w: (m, n) matrix.
+    k: target rank, 1 <= k <= min(m, n).
+    key: PRNG key for the Gaussian test matrix.
+    niter: number of power iterations (>= 0).
+    oversample: extra sampled columns (>= 0); clipped so k + oversample <= min(m, n).
+
+  Returns:
+    ``(u, s, vt)`` with shapes (m, k), (k,), (k, n).
+  """
+  _check_matrix(w)
+  _check_rank(k, w.shape)
+  if niter < 0 or oversample < 0:
+    raise ValueError(f"niter and oversample must be >= 0, got {niter}, {oversample}.")
+  w = _as_float(w)
+  m, n = w.shape
+  width = min(k + oversample, m, n)
+  omega = jax.random.normal(key, (n, width), dtype=w.dtype)
+  q = orthonormalize(w @ omega)
+  for _ in range(niter):
+    q = orthonormalize(w.T @ q)
+    q = orthonormalize(w @ q)
+  u_small, s, vt = jnp.linalg.svd(q.T @ w, full_matrices=False)
+  return (q @ u_small)[:, :k], s[:k], vt[:k]
+
+
+def polar(x: Array) -> Array:
+  """Orthogonal polar factor ``U V^T`` of ``x = U S V^T`` (exact, by SVD).
+
+  The closest matrix with orthonormal columns (or rows, if wide) to ``x`` in
+  Frobenius norm; the Stiefel retraction of StelLA and the exact Muon update.
+  """
+  _check_matrix(x, "x")
+  u, _, vt = jnp.linalg.svd(_as_float(x), full_matrices=False)
+  return u @ vt
+
+
+# Quintic Newton-Schulz coefficients (a, b, c) for X <- aX + (bA + cA^2)X, A = XX^T.
+NEWTON_SCHULZ_COEFFS = {
+    # Jordan et al., Muon (2024): a fast, non-convergent iteration that maps
+    # singular values into roughly [0.7, 1.2] in 5 steps.
+    "muon": (3.4445, -4.7750, 2.0315),
+    # The classical convergent cubic iteration X <- 1.5X - 0.5 X X^T X.
+    "cubic": (1.5, -0.5, 0.0),
+}
+
+
+def newton_schulz(
+    x: Array,
+    *,
+    steps: int = 5,
+    coeffs: str | tuple[float, float, float] = "muon",
+    eps: float = 1e-7,
+) -> Array:
+  """Approximate polar factor of ``x`` by a Newton-Schulz iteration.
+
+  ``X_0 = x / ||x||_F`` then ``steps`` times ``A = X X^T``,
+  ``X <- a X + (b A + c A^2) X``; wide orientation is used internally so that
+  ``A`` is the smaller Gram matrix. With ``coeffs='cubic'`` this converges to
+  ``polar(x)`` for full-rank ``x``; ``'muon'`` trades convergence for speed.
+  """
+  _check_matrix(x, "x")
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}.")
+  if isinstance(coeffs, str):
+    if coeffs not in NEWTON_SCHULZ_COEFFS:
+      raise ValueError(
+          f"Unknown coeffs {coeffs!r}; known: {sorted(NEWTON_SCHULZ_COEFFS)}.")
+    coeffs = NEWTON_SCHULZ_COEFFS[coeffs]
+  a, b, c = coeffs
+  x = _as_float(x)
+  transposed = x.shape[0] > x.shape[1]
+  if transposed:
+    x = x.T
+  x = x / (jnp.linalg.norm(x) + eps)
+  for _ in range(steps):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * (gram @ gram)) @ x
+  return x.T if transposed else x
+
+
+def skew_size(n: int) -> int:
+  """Number of free parameters of an n x n skew-symmetric matrix: n(n-1)/2."""
+  return n * (n - 1) // 2
+
+
+def skew_from_vector(v: Array, n: int) -> Array:
+  """Skew-symmetric (n, n) matrix Q from its n(n-1)/2 strictly-upper entries.
+
+  Batched over leading axes of ``v``: (..., n(n-1)/2) -> (..., n, n).
+  """
+  if v.shape[-1] != skew_size(n):
+    raise ValueError(
+        f"Expected {skew_size(n)} entries for a {n}x{n} skew matrix, got {v.shape[-1]}.")
+  rows, cols = jnp.triu_indices(n, k=1)
+  upper = jnp.zeros(v.shape[:-1] + (n, n), v.dtype).at[..., rows, cols].set(v)
+  return upper - jnp.swapaxes(upper, -1, -2)
+
+
+def skew_to_vector(q: Array) -> Array:
+  """Inverse of `skew_from_vector`: the strictly-upper entries of (..., n, n)."""
+  n = q.shape[-1]
+  rows, cols = jnp.triu_indices(n, k=1)
+  return q[..., rows, cols]
+
+
+def cayley(q: Array) -> Array:
+  """Cayley transform ``R = (I + Q)(I - Q)^{-1}`` of skew-symmetric ``Q``.
+
+  R is orthogonal with det(R) = 1 for every skew Q, and R = I at Q = 0.
+  Batched over leading axes.
+  """
+  n = q.shape[-1]
+  eye = jnp.eye(n, dtype=q.dtype)
+  # (I - Q)^{-1} and (I + Q) commute, so solve(I - Q, I + Q) is the same matrix.
+  return jnp.linalg.solve(eye - q, eye + q)
+
+
+def cayley_neumann(q: Array, order: int) -> Array:
+  """Cayley transform with the inverse replaced by a Neumann series.
+
+  ``R ~= (I + Q)(I + Q + Q^2 + ... + Q^order)`` (Qiu et al., POET, 2025): no
+  matrix inverse; the orthogonality error is O(||Q||^{order+1}) for ||Q|| < 1.
+  """
+  if order < 1:
+    raise ValueError(f"Neumann order k must be >= 1, got {order}.")
+  n = q.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(n, dtype=q.dtype), q.shape)
+  series, power = eye, eye
+  for _ in range(order):
+    power = power @ q
+    series = series + power
+  return (eye + q) @ series
+
+
+def sym(x: Array) -> Array:
+  """Symmetric part (X + X^T) / 2 of a square matrix (batched)."""
+  return 0.5 * (x + jnp.swapaxes(x, -1, -2))
+
+
+def stiefel_project(x: Array, g: Array) -> Array:
+  """Projection of ``g`` onto the tangent space of the Stiefel manifold at ``x``.
+
+  For ``x`` with orthonormal columns (x^T x = I), the tangent space under the
+  embedded metric is {xi : x^T xi + xi^T x = 0} and the projection is
+  ``g - x sym(x^T g)`` (Absil, Mahony & Sepulchre, 2008, eq. 3.35).
+  """
+  return g - x @ sym(jnp.swapaxes(x, -1, -2) @ g)
+
+
+def dct_matrix(n: int, dtype=jnp.float32) -> Array:
+  """Orthonormal DCT-II matrix ``D`` (n, n) with ``D @ x`` the DCT of ``x``.
+
+  ``D[k, j] = c_k cos(pi (2j + 1) k / (2n))`` with ``c_0 = sqrt(1/n)`` and
+  ``c_k = sqrt(2/n)`` otherwise; ``D @ D.T = I``.
+  """
+  k = jnp.arange(n, dtype=jnp.float32)[:, None]
+  j = jnp.arange(n, dtype=jnp.float32)[None, :]
+  d = jnp.cos(math.pi * (2.0 * j + 1.0) * k / (2.0 * n)) * math.sqrt(2.0 / n)
+  d = d.at[0].multiply(1.0 / math.sqrt(2.0))
+  return d.astype(dtype)
+
+
+def column_norms(w: Array) -> Array:
+  """Euclidean norm of each column of (m, n) ``w``: shape (n,), in float32."""
+  w = _as_float(w)
+  return jnp.sqrt(jnp.sum(w * w, axis=0))
