@@ -1,0 +1,143 @@
+"""Initializations of the LoRA factors as pure functions of the base weight.
+
+Layout: ``w0`` is the (fan_in, fan_out) matrix with ``y = x w0``; the factors
+are ``a`` (fan_in, r) and ``b`` (r, fan_out); the update is ``s * a @ b``.
+PEFT stores ``nn.Linear.weight`` as (out, in) and ``lora_A.weight`` (r, in),
+``lora_B.weight`` (out, r): ours are their transposes, ``a = lora_A.weight.T``,
+``b = lora_B.weight.T``, and every formula below is PEFT's transposed.
+
+Weight-aware inits return the residual base weight that keeps the adapted
+layer's function unchanged at initialization: ``w_res = w0 - s * a @ b``.
+Every function computes in float32 and returns float32 arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax import linalg
+
+Array = jax.Array
+
+
+class LoRAFactors(NamedTuple):
+  """Initial LoRA factors and, for weight-aware inits, the residual base weight."""
+
+  a: Array
+  b: Array
+  residual: Array | None
+
+
+def _kaiming_uniform_a(key: Array, fan_in: int, rank: int) -> Array:
+  # PEFT/torch: kaiming_uniform_(lora_A.weight, a=sqrt(5)) on an (r, fan_in)
+  # tensor: gain = sqrt(2 / (1 + 5)), bound = gain * sqrt(3 / fan_in) = 1/sqrt(fan_in).
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, (fan_in, rank), jnp.float32, -bound, bound)
+
+
+def default_init(key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
+  """PEFT's default: A kaiming-uniform (bound 1/sqrt(fan_in)), B = 0."""
+  del scale
+  fan_in, fan_out = w0.shape
+  return LoRAFactors(_kaiming_uniform_a(key, fan_in, rank),
+                     jnp.zeros((rank, fan_out), jnp.float32), None)
+
+
+def gaussian_init(key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
+  """PEFT's ``init_lora_weights='gaussian'``: A ~ N(0, (1/r)^2), B = 0."""
+  del scale
+  fan_in, fan_out = w0.shape
+  a = jax.random.normal(key, (fan_in, rank), jnp.float32) / rank
+  return LoRAFactors(a, jnp.zeros((rank, fan_out), jnp.float32), None)
+
+
+def _split_singular(u: Array, s: Array, vt: Array, w0: Array, scale: float) -> LoRAFactors:
+  root = jnp.sqrt(s / scale)
+  a = u * root[None, :]
+  b = root[:, None] * vt
+  return LoRAFactors(a, b, w0 - scale * (a @ b))
+
+
+def pissa_init(key: Array, w0: Array, rank: int, scale: float, *,
+               niter: int | None = None) -> LoRAFactors:
+  """PiSSA (Meng et al., "PiSSA: Principal Singular Values and Singular Vectors
+  Adaptation of Large Language Models", 2024).
+
+  With the top-r SVD ``w0 ~= U_r S_r V_r^T``: ``a = U_r (S_r/s)^(1/2)``,
+  ``b = (S_r/s)^(1/2) V_r^T`` and ``w_res = w0 - s a b`` (PEFT divides the
+  singular values by the scale ``s`` so that ``s a b = U_r S_r V_r^T``).
+  ``niter`` selects the randomized SVD with that many power iterations (PEFT's
+  ``pissa_niter_k``); ours oversamples by 8 columns where torch.svd_lowrank
+  uses none, which only makes the factors closer to the exact ones.
+  """
+  w0 = w0.astype(jnp.float32)
+  if niter is None:
+    u, s, vt = linalg.svd_topk(w0, rank)
+  else:
+    u, s, vt = linalg.randomized_svd(w0, rank, key=key, niter=niter)
+  return _split_singular(u, s, vt, w0, scale)
+
+
+def milora_init(key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
+  """MiLoRA (Wang et al., "MiLoRA: Harnessing Minor Singular Components for
+  Parameter-Efficient LLM Finetuning", 2024): PiSSA with the r smallest
+  singular triplets, so the principal components stay in the frozen residual.
+  """
+  del key
+  w0 = w0.astype(jnp.float32)
+  u, s, vt = linalg.svd_topk(w0, rank, largest=False)
+  return _split_singular(u, s, vt, w0, scale)
+
+
+def olora_init(key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
+  """OLoRA (Buyukakyuz, "OLoRA: Orthonormal Low-Rank Adaptation of Large
+  Language Models", 2024).
+
+  PEFT computes ``Q, R = qr(W)`` of the (out, in) weight and sets
+  ``lora_B = Q[:, :r]`` (orthonormal columns), ``lora_A = R[:r]`` and
+  ``W <- W - s lora_B lora_A``. In our layout ``W = w0^T``, so ``b = Q[:, :r]^T``
+  has orthonormal rows and ``a = R[:r]^T``. The QR signs are those of LAPACK's
+  Householder QR (no sign normalization), as in PEFT.
+  """
+  del key
+  w0 = w0.astype(jnp.float32)
+  q, r = jnp.linalg.qr(w0.T)
+  a = r[:rank].T
+  b = q[:, :rank].T
+  return LoRAFactors(a, b, w0 - scale * (a @ b))
+
+
+_SIMPLE_INITS = {
+    "default": default_init,
+    "gaussian": gaussian_init,
+    "pissa": pissa_init,
+    "milora": milora_init,
+    "olora": olora_init,
+}
+WEIGHT_AWARE = frozenset({"pissa", "milora", "olora"})
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+INIT_NAMES = tuple(sorted(_SIMPLE_INITS)) + ("pissa_niter_<k>",)
+
+
+def is_weight_aware(init: str) -> bool:
+  """Whether ``init`` reads the base weight (and replaces it by the residual)."""
+  return init in WEIGHT_AWARE or _PISSA_NITER.fullmatch(init) is not None
+
+
+def check_init(init: str) -> None:
+  if init not in _SIMPLE_INITS and _PISSA_NITER.fullmatch(init) is None:
+    raise ValueError(f"Unknown LoRA init {init!r}; known inits: {list(INIT_NAMES)}.")
+
+
+def lora_factors(init: str, key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
+  """Dispatch to the LoRA init named ``init`` (see `INIT_NAMES`)."""
+  check_init(init)
+  match = _PISSA_NITER.fullmatch(init)
+  if match:
+    return pissa_init(key, w0, rank, scale, niter=int(match.group(1)))
+  return _SIMPLE_INITS[init](key, w0, rank, scale)
