@@ -1,0 +1,1 @@
+"""Experiment harness of lowrank_jax: data, training loop, studies."""
