@@ -1,0 +1,52 @@
+"""Shared config pieces: the training fields every experiment has, and arg parsing."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, defaults: dict) -> dict:
+  """Parse a ``key=value,key=value`` config arg into typed values (typed by ``defaults``).
+
+  Unknown keys raise with the accepted ones listed.
+  """
+  values = dict(defaults)
+  if not arg:
+    return values
+  for item in arg.split(","):
+    if "=" not in item:
+      raise ValueError(f"Config arg item {item!r} must be key=value; accepted keys: {sorted(defaults)}.")
+    key, raw = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"Unknown config arg {key!r}; accepted keys: {sorted(defaults)}.")
+    kind = type(defaults[key])
+    if kind is bool:
+      values[key] = raw.lower() in ("1", "true", "yes")
+    else:
+      values[key] = kind(raw)
+  return values
+
+
+def training_fields(config: ml_collections.ConfigDict, *, steps: int, batch_size: int,
+                    learning_rate: float, optimizer: str = "adamw") -> None:
+  """Fields read by experiments.loop.train_and_evaluate."""
+  config.seed = 0
+  config.steps = steps
+  config.batch_size = batch_size
+  config.log_every = max(1, steps // 50)
+  config.eval_every = max(1, steps // 5)
+  config.checkpoint_every = max(1, steps // 5)
+  config.keep_checkpoints = 2
+  config.progress = True
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name=optimizer, learning_rate=learning_rate, warmup_steps=0, schedule="constant",
+      clip_norm=0.0, kwargs=ml_collections.ConfigDict()))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+
+def adapter_fields(config: ml_collections.ConfigDict, method: str, targets: list[str],
+                   **hyperparams) -> None:
+  """``method`` ('full' or an adapter registry name), its hyperparameters and target regexes."""
+  config.method = method
+  config.targets = targets
+  config.adapter = ml_collections.ConfigDict(hyperparams if method != "full" else {})

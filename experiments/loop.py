@@ -1,0 +1,214 @@
+"""train_and_evaluate: the training loop behind every experiment.
+
+Builds the task's model, attaches the config's adapters with `lrj.attach`,
+builds the optimizer by registry name, and trains with a jitted, buffer-donating
+step on a ('data', 'fsdp') mesh over all devices. Evaluates every
+``eval_every`` steps, checkpoints with orbax every ``checkpoint_every`` steps
+(keeping the last ``keep_checkpoints``) and resumes from the latest checkpoint
+in ``workdir``. Metrics go to ``workdir/metrics.jsonl`` and TensorBoard event
+files; a loss-curve PNG is written at the end. A non-finite loss stops the run
+(or gradient norm) stops the run with `TrainingDiverged`, naming the first bad
+step; the last good checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import lowrank_jax as lrj
+from experiments import checkpointing
+from experiments import metrics as metrics_lib
+from experiments import optimizers
+from experiments import sharding
+from experiments import tasks
+
+
+class TrainingDiverged(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+def adapter_rules(config) -> list[tuple[str, Any]]:
+  """The attach rules of a config: every target regex gets the config's adapter spec."""
+  spec = lrj.adapters.get(config.method, **config.adapter.to_dict())
+  return [(target, spec) for target in config.targets]
+
+
+def build_model(config, task: tasks.Task) -> nnx.Module:
+  """The task's model with the config's adapters attached ('full' attaches none)."""
+  model = task.build_model(config, nnx.Rngs(config.seed))
+  if config.method != "full":
+    lrj.attach(model, adapter_rules(config),
+               rngs=nnx.Rngs(params=config.seed + 1, dropout=config.seed + 2))
+  return model
+
+
+def trainable_filter(config):
+  return nnx.Param if config.method == "full" else lrj.AdapterParam
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
+                 if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)))
+
+
+def tree_size(tree) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _make_steps(graphdef, eval_graphdef, task: tasks.Task, tx):
+  def train_step(trainable, opt_state, rng_state, first_bad, frozen, batch, step):
+    def loss_fn(trainable):
+      model = nnx.merge(graphdef, trainable, rng_state, frozen)
+      loss, aux = task.loss(model, batch)
+      return loss, (aux, nnx.state(model, nnx.RngState))
+
+    (loss, (aux, rng_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    first_bad = jnp.where((first_bad == 0) & ~finite, step, first_bad)
+    metrics = dict(aux, loss=loss, grad_norm=grad_norm)
+    return trainable, opt_state, rng_state, first_bad, metrics
+
+  def eval_step(trainable, rng_state, frozen, batch):
+    model = nnx.merge(eval_graphdef, trainable, rng_state, frozen)
+    loss, aux = task.loss(model, batch)
+    return dict(aux, loss=loss)
+
+  return (jax.jit(train_step, donate_argnums=(0, 1, 2, 3)), jax.jit(eval_step))
+
+
+def _evaluate(eval_step, trainable, rng_state, frozen, batches, mesh) -> dict[str, float]:
+  totals: dict[str, float] = {}
+  for batch in batches:
+    for name, value in eval_step(trainable, rng_state, frozen, sharding.shard_batch(batch, mesh)).items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  return {f"val_{name}": total / len(batches) for name, total in totals.items()}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Train per ``config`` in ``workdir`` (resuming if it has a checkpoint).
+
+  Returns:
+    A summary: final train and validation metrics, trainable parameter count,
+    optimizer-state bytes, steps per second (excluding the first step).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  task = tasks.get(config.task)
+  model = build_model(config, task)
+  wrt = trainable_filter(config)
+  model.train()
+  graphdef, trainable, rng_state, frozen = nnx.split(model, wrt, nnx.RngState, ...)
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  del model
+
+  mesh = sharding.make_mesh(config)
+  trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
+  frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
+  tx = optimizers.build(config)
+  opt_state = jax.jit(tx.init)(trainable)
+  train_step, eval_step = _make_steps(graphdef, eval_graphdef, task, tx)
+
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start = checkpointer.latest_step() or 0
+  if start:
+    restored = checkpointer.restore(
+        start, {"trainable": trainable, "opt_state": opt_state, "rng": rng_state})
+    trainable, opt_state, rng_state = restored["trainable"], restored["opt_state"], restored["rng"]
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  batches = task.train_batches(config, start)
+  eval_batches = task.eval_batches(config)
+  first_bad = jnp.zeros((), jnp.int32)
+  last_good = start
+
+  def check_finite(step):
+    bad = int(first_bad)
+    if bad:
+      raise TrainingDiverged(
+          f"Loss or gradient became non-finite at step {bad}; stopping. The last good checkpoint "
+          f"(step {last_good}) is kept in {checkpointer.directory}.")
+
+  summary: dict[str, Any] = {}
+  progress = _progress(config.steps, start, config.progress)
+  timer_start, timed_steps = None, 0
+  try:
+    for step in range(start + 1, config.steps + 1):
+      batch = sharding.shard_batch(next(batches), mesh)
+      trainable, opt_state, rng_state, first_bad, step_metrics = train_step(
+          trainable, opt_state, rng_state, first_bad, frozen, batch, jnp.int32(step))
+      if timer_start is None:
+        jax.block_until_ready(step_metrics["loss"])
+        timer_start = time.perf_counter()
+      else:
+        timed_steps += 1
+      is_last = step == config.steps
+      if step % config.log_every == 0 or is_last:
+        check_finite(step)
+        elapsed = time.perf_counter() - timer_start
+        steps_per_s = timed_steps / elapsed if timed_steps and elapsed > 0 else float("nan")
+        scalars = {k: float(v) for k, v in step_metrics.items()}
+        writer.write(step, **scalars, steps_per_s=steps_per_s)
+        progress.set_postfix(loss=f"{scalars['loss']:.4f}", steps_per_s=f"{steps_per_s:.1f}")
+        summary.update({f"train_{k}": v for k, v in scalars.items()}, steps_per_s=steps_per_s)
+      if step % config.eval_every == 0 or is_last:
+        evaluated = _evaluate(eval_step, trainable, rng_state, frozen, eval_batches, mesh)
+        writer.write(step, **evaluated)
+        summary.update(evaluated)
+      if step % config.checkpoint_every == 0 or is_last:
+        check_finite(step)
+        checkpointer.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng_state})
+        last_good = step
+      progress.update(1)
+  finally:
+    progress.close()
+    writer.close()
+    checkpointer.close()
+
+  records = metrics_lib.read_metrics(writer.path)
+  metrics_lib.plot_loss_curves({config.method: records}, os.path.join(workdir, "loss.png"),
+                               title=f"{config.task}: {config.method}")
+  summary.update(
+      steps=config.steps,
+      trainable_params=tree_size(trainable),
+      optimizer_state_bytes=tree_bytes(opt_state),
+  )
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in summary.items()}, f, indent=2)
+  return summary
+
+
+def restore_latest(config, workdir: str) -> dict[str, Any]:
+  """The state ({'trainable', 'opt_state', 'rng'}) of the latest checkpoint in ``workdir``."""
+  task = tasks.get(config.task)
+  model = build_model(config, task)
+  _, trainable, rng_state, _ = nnx.split(model, trainable_filter(config), nnx.RngState, ...)
+  opt_state = optimizers.build(config).init(trainable)
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}.")
+    return checkpointer.restore(step, {"trainable": trainable, "opt_state": opt_state,
+                                       "rng": rng_state})
+  finally:
+    checkpointer.close()
