@@ -3,14 +3,14 @@
     python -m experiments.train --config=configs/teacher_student.py:method=dora,rank=4 \
         --workdir=/tmp/ts
 
-arg keys: method (full or an adapter name), rank, update_rank, runlocal.
+arg keys: method (full or an adapter name), rank, init (a LoRA init), update_rank, runlocal.
 """
 
 import ml_collections
 
 from configs import common
 
-DEFAULTS = dict(method="lora", rank=4, update_rank=4, runlocal=False)
+DEFAULTS = dict(method="lora", rank=4, init="default", update_rank=4, runlocal=False)
 
 
 def get_config(arg=None):
@@ -24,6 +24,7 @@ def get_config(arg=None):
                          learning_rate=1e-2, optimizer="adam")
   rank = args["rank"]
   common.adapter_fields(config, args["method"], ["hidden"],
-                        **({} if args["method"] == "full" else dict(rank=rank, alpha=2.0 * rank)))
+                        **({} if args["method"] == "full" else
+                           dict(rank=rank, alpha=2.0 * rank, init=args["init"])))
   config.lock()
   return config

@@ -168,11 +168,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         scalars = {k: float(v) for k, v in step_metrics.items()}
         writer.write(step, **scalars, steps_per_s=steps_per_s)
         progress.set_postfix(loss=f"{scalars['loss']:.4f}", steps_per_s=f"{steps_per_s:.1f}")
-        summary.update({f"train_{k}": v for k, v in scalars.items()}, steps_per_s=steps_per_s)
       if step % config.eval_every == 0 or is_last:
-        evaluated = _evaluate(eval_step, trainable, rng_state, frozen, eval_batches, mesh)
-        writer.write(step, **evaluated)
-        summary.update(evaluated)
+        writer.write(step, **_evaluate(eval_step, trainable, rng_state, frozen, eval_batches, mesh))
       if step % config.checkpoint_every == 0 or is_last:
         check_finite(step)
         checkpointer.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng_state})
@@ -184,6 +181,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     checkpointer.close()
 
   records = metrics_lib.read_metrics(writer.path)
+  for record in records:  # the latest value of every metric, also across resumes
+    summary.update({(k if k.startswith("val_") or k == "steps_per_s" else f"train_{k}"): v
+                    for k, v in record.items() if k != "step"})
   metrics_lib.plot_loss_curves({config.method: records}, os.path.join(workdir, "loss.png"),
                                title=f"{config.task}: {config.method}")
   summary.update(

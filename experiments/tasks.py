@@ -84,7 +84,7 @@ def _teacher_data(config, split: str) -> dict[str, np.ndarray]:
   key = jax.random.key(d.task_seed)
   k_u, k_v, k_train, k_val = jax.random.split(key, 4)
   u = jax.random.normal(k_u, (m.d_hidden, d.update_rank)) / np.sqrt(m.d_hidden)
-  v = jax.random.normal(k_v, (d.update_rank, m.d_hidden))
+  v = jax.random.normal(k_v, (d.update_rank, m.d_hidden)) / np.sqrt(d.update_rank)
   teacher.hidden.kernel[...] += d.update_scale * (u @ v)
   n = d.n_train if split == "train" else d.n_val
   x = jax.random.normal(k_train if split == "train" else k_val, (n, m.d_in))

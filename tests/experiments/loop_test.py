@@ -22,7 +22,7 @@ ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH
 
 # Every config file with the args its docstring documents.
 CONFIG_ARGS = {
-    "teacher_student": ["", "method=full", "method=dora,rank=2", "method=lora,update_rank=8",
+    "teacher_student": ["", "method=full", "method=dora,rank=2", "method=lora,update_rank=8", "init=pissa",
                         "runlocal=true"],
 }
 
@@ -146,3 +146,14 @@ def test_sharded_loss_equals_single_device_loss(tmp_path):
   assert results[8]["devices"] == 8 and results[1]["devices"] == 1
   np.testing.assert_allclose(results[8]["loss"], results[1]["loss"], rtol=1e-5)
   np.testing.assert_allclose(results[8]["val"], results[1]["val"], rtol=1e-5)
+
+
+def test_study_writes_table_csv_and_plot(tmp_path):
+  from experiments import study as study_lib
+  study = importlib.import_module("configs.study_quick").get_config("runlocal=true")
+  rows = study_lib.run_study(study, str(tmp_path))
+  assert {r["label"] for r in rows} == {"full", "lora", "dora", "pissa"} and len(rows) == 8
+  table = (tmp_path / "results.md").read_text()
+  assert "| pissa | 2 |" in table
+  assert (tmp_path / "comparison.png").stat().st_size > 1000
+  assert len((tmp_path / "results.csv").read_text().splitlines()) == 9
