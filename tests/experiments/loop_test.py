@@ -61,9 +61,9 @@ def test_runlocal_runs_a_few_steps(name, tmp_path):
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   config = _config("teacher_student", "method=full")
   with config.unlocked():
-    config.steps, config.log_every, config.checkpoint_every, config.eval_every = 40, 1, 2, 100
+    config.steps, config.log_every, config.checkpoint_every, config.eval_every = 40, 1, 1, 100
     config.progress = False
-    config.optimizer.learning_rate = 3.0  # diverges after a few steps
+    config.optimizer.learning_rate = 30.0  # diverges after a few steps
     config.optimizer.name = "sgd"
   with pytest.raises(loop.TrainingDiverged, match=r"became non-finite at step (\d+)") as error:
     loop.train_and_evaluate(config, str(tmp_path))
