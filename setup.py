@@ -5,6 +5,8 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"],
     "experiments": ["tqdm", "matplotlib", "tensorboardX", "scikit-learn"],
     "notebooks": ["nbformat", "nbclient", "ipykernel"],
+    # Parity tests against PEFT (CPU torch build).
+    "interop": ["torch==2.13.0", "peft", "transformers", "tokenizers"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 

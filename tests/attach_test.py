@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import lowrank_jax as lrj
+from lowrank_jax.attach import adapters as adapter_sites
 
 
 class Attention(nnx.Module):
@@ -38,7 +39,7 @@ def test_rules_first_match_wins_and_none_leaves_alone():
       (r"heads/cls", lrj.adapters.dora(rank=2)),
   ]
   lrj.attach(model, rules, rngs=nnx.Rngs(1))
-  adapted = dict(lrj.attach.__globals__["adapters"](model))
+  adapted = dict(adapter_sites(model))
   assert set(adapted) == {"blocks/0/query", "blocks/0/value", "blocks/1/value", "heads/cls"}
   assert isinstance(model.blocks[1].query, nnx.Linear)
   assert isinstance(model.heads["cls"], lrj.adapters.DoRA)
