@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -43,9 +44,24 @@ def adapter_rules(config) -> list[tuple[str, Any]]:
   return [(target, spec) for target in config.targets]
 
 
+def load_pretrained(model: nnx.Module, workdir: str) -> None:
+  """Load the parameters of a full-training run's latest checkpoint in ``workdir`` into ``model``."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"init_from={workdir!r} has no config.json: not a training workdir.")
+  with open(config_path) as f:
+    pretrain_config = ml_collections.ConfigDict(json.load(f))
+  if pretrain_config.method != "full":
+    raise ValueError(f"init_from={workdir!r} trained with method={pretrain_config.method!r}; "
+                     "only full-training checkpoints hold every parameter.")
+  nnx.update(model, restore_latest(pretrain_config, workdir)["trainable"])
+
+
 def build_model(config, task: tasks.Task) -> nnx.Module:
-  """The task's model with the config's adapters attached ('full' attaches none)."""
+  """The task's model (from ``init_from`` if set) with the config's adapters attached."""
   model = task.build_model(config, nnx.Rngs(config.seed))
+  if config.get("init_from"):
+    load_pretrained(model, config.init_from)
   if config.method != "full":
     lrj.attach(model, adapter_rules(config),
                rngs=nnx.Rngs(params=config.seed + 1, dropout=config.seed + 2))

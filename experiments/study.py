@@ -2,9 +2,11 @@
 
     python -m experiments.study --config=configs/study_quick.py [--workdir=results/study_quick]
 
-A study config has ``name``, ``seeds`` and ``runs``: each run is a dict with a
-``label``, the ``config`` file name in configs/, its ``arg`` string and
-``overrides`` ({'a.b': value}). Every (run, seed) trains in
+A study config has ``name``, ``seeds``, ``runs`` and optionally ``pretrain``: each
+run is a dict with a ``label``, the ``config`` file name in configs/, its ``arg``
+string and ``overrides`` ({'a.b': value}). A ``pretrain`` run (same form) is
+trained once first, in ``workdir/pretrain``, and every run starts from it
+(``init_from``). Every (run, seed) trains in
 ``workdir/<label>/seed<k>`` (resuming if it was interrupted), then the study writes
 ``results.csv`` (one row per run and seed), ``results.md`` (mean and spread over
 seeds: final validation loss, trainable parameters, optimizer-state bytes,
@@ -20,6 +22,7 @@ import statistics
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/study_quick.py", "Study config.")
@@ -52,11 +55,18 @@ def run_study(study, workdir: str) -> list[dict]:
   from experiments import metrics  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
+  init_from = {}
+  if study.get("pretrain"):
+    pretrain_dir = os.path.join(workdir, "pretrain")
+    print(f"== pretrain -> {pretrain_dir}")
+    loop.train_and_evaluate(run_config(study.pretrain, study.pretrain.get("seed", 0)), pretrain_dir)
+    init_from = {"init_from": os.path.abspath(pretrain_dir)}
   rows, curves = [], {}
   for run in study.runs:
     for seed in study.seeds:
       run_dir = os.path.join(workdir, run["label"], f"seed{seed}")
       print(f"== {run['label']} (seed {seed}) -> {run_dir}")
+      run = dict(run, overrides={**run.get("overrides", {}), **init_from})
       summary = loop.train_and_evaluate(run_config(run, seed), run_dir)
       rows.append({"label": run["label"], "seed": seed, **{c: summary.get(c) for c in COLUMNS[2:]}})
       if seed == study.seeds[0]:
@@ -92,6 +102,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   study = _CONFIG.value
   run_study(study, _WORKDIR.value or os.path.join("results", study.name))
 

@@ -17,7 +17,13 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
+
+from experiments import data
+from lowrank_jax.models import gpt
+from lowrank_jax.models import mlp
+from lowrank_jax.models import vit
 
 Batch = dict[str, Any]
 
@@ -61,34 +67,23 @@ def indexed_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
 
 
 # -- teacher-student regression ---------------------------------------------------
-class TeacherStudentMLP(nnx.Module):
-  """x -> down(gelu(hidden(gelu(up(x))))); the adapted layer is 'hidden'."""
-
-  def __init__(self, d_in: int, d_hidden: int, d_out: int, *, rngs: nnx.Rngs):
-    self.up = nnx.Linear(d_in, d_hidden, rngs=rngs)
-    self.hidden = nnx.Linear(d_hidden, d_hidden, rngs=rngs)
-    self.down = nnx.Linear(d_hidden, d_out, rngs=rngs)
-
-  def __call__(self, x):
-    return self.down(jax.nn.gelu(self.hidden(jax.nn.gelu(self.up(x)))))
-
-
-def _student(config) -> TeacherStudentMLP:
+def _teacher_student_model(config) -> mlp.MLP:
   m = config.model
-  return TeacherStudentMLP(m.d_in, m.d_hidden, m.d_out, rngs=nnx.Rngs(m.base_seed))
+  return mlp.MLP((m.d_in, m.d_hidden, m.d_hidden, m.d_out), rngs=nnx.Rngs(m.base_seed))
 
 
 def _teacher_data(config, split: str) -> dict[str, np.ndarray]:
+  """Inputs and outputs of the base MLP whose middle layer ('layers/1') has the target W*."""
   m, d = config.model, config.data
-  teacher = _student(config)
-  key = jax.random.key(d.task_seed)
-  k_u, k_v, k_train, k_val = jax.random.split(key, 4)
-  u = jax.random.normal(k_u, (m.d_hidden, d.update_rank)) / np.sqrt(m.d_hidden)
-  v = jax.random.normal(k_v, (d.update_rank, m.d_hidden)) / np.sqrt(d.update_rank)
-  teacher.hidden.kernel[...] += d.update_scale * (u @ v)
+  teacher = _teacher_student_model(config)
+  rng = np.random.default_rng(d.task_seed)
+  w0 = np.asarray(teacher.layers[1].kernel[...])
+  teacher.layers[1].kernel[...] = data.teacher_update(rng, w0, d.kind, rank=d.update_rank,
+                                                      scale=d.update_scale)
   n = d.n_train if split == "train" else d.n_val
-  x = jax.random.normal(k_train if split == "train" else k_val, (n, m.d_in))
-  return {"x": np.asarray(x), "y": np.asarray(teacher(x))}
+  x = np.random.default_rng([d.task_seed, 0 if split == "train" else 1]).standard_normal(
+      (n, m.d_in)).astype(np.float32)
+  return {"x": x, "y": np.asarray(teacher(x))}
 
 
 def _mse(model, batch):
@@ -97,9 +92,54 @@ def _mse(model, batch):
 
 
 register("teacher_student", Task(
-    build_model=lambda config, rngs: _student(config),
+    build_model=lambda config, rngs: _teacher_student_model(config),
     train_batches=lambda config, start: indexed_batches(
         _teacher_data(config, "train"), config.batch_size, config.seed, start),
     eval_batches=lambda config: [_teacher_data(config, "validation")],
     loss=_mse,
+))
+
+
+# -- byte-level language modeling ---------------------------------------------------
+def _lm_loss(model, batch):
+  loss = gpt.next_token_loss(model(batch["tokens"]), batch["tokens"])
+  return loss, {"bits_per_byte": loss / np.log(2.0)}
+
+
+def _lm_eval(config):
+  d = config.data
+  corpus = data.load_text(d.domain, "validation", d.val_fraction)
+  return data.lm_eval_batches(corpus, d.eval_batch_size, d.seq_len, d.eval_batches)
+
+
+register("lm", Task(
+    build_model=lambda config, rngs: gpt.GPT(gpt.GPTConfig(**config.model.to_dict()), rngs=rngs),
+    train_batches=lambda config, start: data.lm_batches(
+        data.load_text(config.data.domain, "train", config.data.val_fraction), config.batch_size,
+        config.data.seq_len, config.seed, start),
+    eval_batches=_lm_eval,
+    loss=_lm_loss,
+))
+
+
+# -- ViT on scikit-learn digits -------------------------------------------------------
+def _classification_loss(model, batch):
+  logits = model(batch["images"]).astype(jnp.float32)
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]))
+  return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"])}
+
+
+def _digits(config, split):
+  images, labels = data.digits(split, config.data.val_fraction, config.data.split_seed)
+  if split == "train" and config.data.train_examples:
+    images, labels = images[:config.data.train_examples], labels[:config.data.train_examples]
+  return {"images": images, "labels": labels}
+
+
+register("vit_digits", Task(
+    build_model=lambda config, rngs: vit.ViT(vit.ViTConfig(**config.model.to_dict()), rngs=rngs),
+    train_batches=lambda config, start: indexed_batches(
+        _digits(config, "train"), config.batch_size, config.seed, start),
+    eval_batches=lambda config: [_digits(config, "validation")],
+    loss=_classification_loss,
 ))

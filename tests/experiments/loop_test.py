@@ -22,8 +22,12 @@ ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH
 
 # Every config file with the args its docstring documents.
 CONFIG_ARGS = {
-    "teacher_student": ["", "method=full", "method=dora,rank=2", "method=lora,update_rank=8", "init=pissa",
-                        "runlocal=true"],
+    "teacher_student": ["", "method=full", "method=dora,rank=2", "method=lora,update_rank=8",
+                        "init=pissa", "kind=orthogonal", "runlocal=true"],
+    "pretrain_lm": ["", "method=lora,rank=4", "optimizer=adam", "domain=python", "size=small",
+                    "runlocal=true"],
+    "finetune_lm": ["", "method=full", "method=dora,init=pissa", "targets=qv", "runlocal=true"],
+    "vit_digits": ["", "pool=mean", "train_examples=200", "method=lora", "runlocal=true"],
 }
 
 
@@ -153,6 +157,7 @@ def test_study_writes_table_csv_and_plot(tmp_path):
   study = importlib.import_module("configs.study_quick").get_config("runlocal=true")
   rows = study_lib.run_study(study, str(tmp_path))
   assert {r["label"] for r in rows} == {"full", "lora", "dora", "pissa"} and len(rows) == 8
+  assert (tmp_path / "pretrain" / "checkpoints").exists()
   table = (tmp_path / "results.md").read_text()
   assert "| pissa | 2 |" in table
   assert (tmp_path / "comparison.png").stat().st_size > 1000
