@@ -1,6 +1,6 @@
 """Forward+backward time of adapted layers against the frozen dense layer.
 
-    python benchmarks/adapter_overhead.py [--tokens=4096] [--dims=1024,2048] [--ranks=8,64]
+    python -m benchmarks.adapter_overhead [--tokens=4096] [--dims=1024,2048] [--ranks=8,64]
 
 For each width d and rank r: the frozen dense layer's step computes y = x W0
 and the gradient for x only (a frozen weight needs no weight gradient); the

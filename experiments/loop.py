@@ -81,7 +81,7 @@ def tree_size(tree) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
-def _make_steps(graphdef, eval_graphdef, task: tasks.Task, tx):
+def make_steps(graphdef, eval_graphdef, task: tasks.Task, tx):
   def train_step(trainable, opt_state, rng_state, first_bad, frozen, batch, step):
     def loss_fn(trainable):
       model = nnx.merge(graphdef, trainable, rng_state, frozen)
@@ -142,7 +142,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
   tx = optimizers.build(config)
   opt_state = jax.jit(tx.init)(trainable)
-  train_step, eval_step = _make_steps(graphdef, eval_graphdef, task, tx)
+  train_step, eval_step = make_steps(graphdef, eval_graphdef, task, tx)
 
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   start = checkpointer.latest_step() or 0
