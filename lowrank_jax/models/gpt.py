@@ -83,3 +83,48 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   targets = tokens[:, 1:]
   log_probs = jax.nn.log_softmax(logits)
   return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
+
+
+def _llama_name(path: str) -> str:
+  """Our module path (dotted) -> the LLaMA checkpoint's module name."""
+  parts = path.split(".")
+  if parts[0] == "blocks":
+    renames = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+               "attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
+               "attn.value": "self_attn.v_proj", "attn.out": "self_attn.o_proj",
+               "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+    return f"model.layers.{parts[1]}." + renames[".".join(parts[2:])]
+  return {"embed": "model.embed_tokens", "norm": "model.norm", "head": "lm_head"}[path]
+
+
+def from_pretrained(path: str) -> GPT:
+  """A GPT from a LLaMA-format Hugging Face directory (config.json + model.safetensors).
+
+  Names map as model.layers.i.self_attn.{q,k,v,o}_proj -> blocks/i/attn/{query,key,value,out},
+  mlp.{gate,up,down}_proj -> mlp/{gate,up,down}, input/post_attention_layernorm ->
+  attn_norm/mlp_norm. HF's LLaMA rotates half-split pairs, as `layers.rope` does. Grouped-query
+  attention (num_key_value_heads != num_attention_heads), biases and RoPE scaling are refused.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.io import hf  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(path, "config.json")) as f:
+    c = json.load(f)
+  heads = c["num_attention_heads"]
+  if c.get("num_key_value_heads", heads) != heads:
+    raise ValueError(f"Grouped-query attention (num_key_value_heads={c['num_key_value_heads']}, "
+                     f"num_attention_heads={heads}) is not supported by this GPT.")
+  rope = c.get("rope_parameters") or {}  # newer transformers nest rope_theta here
+  rope_type = rope.get("rope_type", "default")
+  if c.get("attention_bias") or c.get("mlp_bias") or c.get("rope_scaling") or rope_type != "default":
+    raise ValueError("LLaMA checkpoints with biases or RoPE scaling are not supported.")
+  config = GPTConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], depth=c["num_hidden_layers"],
+                     heads=heads, mlp_dim=c["intermediate_size"],
+                     max_len=c.get("max_position_embeddings", 2048),
+                     rope_base=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), norm_eps=c["rms_norm_eps"],
+                     tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+  model = GPT(config, rngs=nnx.Rngs(0))
+  hf.load_into(model, hf.read_safetensors(os.path.join(path, "model.safetensors")), _llama_name)
+  return model
+

@@ -1,0 +1,56 @@
+"""Load Hugging Face safetensors checkpoints into our NNX models.
+
+A checkpoint tensor name is our variable path with '.' for '/', except that
+``kernel`` (our (in, out) layout) is HF's ``weight`` transposed, and a norm's
+``scale`` or an embedding's ``embedding`` is HF's ``weight``. A ``rename``
+function maps our module paths to the checkpoint's where the names differ
+(LLaMA). Every tensor is checked (present, shape) before the model is touched:
+a missing tensor or a shape mismatch raises naming the key, and the model is
+left unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model (the message names the tensor)."""
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a .safetensors file as numpy arrays, with clear errors."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No checkpoint file {path}.")
+  try:
+    return safetensors.numpy.load_file(path)
+  except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+    raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def load_into(model: nnx.Module, tensors: dict[str, np.ndarray],
+              rename: Callable[[str], str] = lambda name: name) -> nnx.Module:
+  """Copy checkpoint tensors into every ``nnx.Param`` of ``model`` (all or nothing)."""
+  state = nnx.state(model, nnx.Param)
+  updated = []
+  for path, variable in nnx.to_flat_state(state):
+    *module, leaf = [str(p) for p in path]
+    if leaf not in _LEAF_NAMES:
+      raise CheckpointError(f"Parameter '{'/'.join(module + [leaf])}' has no checkpoint naming rule.")
+    key = rename(".".join(module)) + "." + _LEAF_NAMES[leaf]
+    if key not in tensors:
+      raise CheckpointError(f"The checkpoint lacks tensor {key!r} (for '{'/'.join(module + [leaf])}').")
+    value = tensors[key].T if leaf == "kernel" else tensors[key]
+    if tuple(value.shape) != tuple(variable.shape):
+      raise CheckpointError(f"Tensor {key!r} has shape {tuple(tensors[key].shape)}; the model needs "
+                            f"{tuple(variable.shape)}{' (transposed)' if leaf == 'kernel' else ''}.")
+    updated.append((path, variable.replace(np.asarray(value, dtype=variable.dtype))))
+  nnx.update(model, nnx.from_flat_state(updated))
+  return model
