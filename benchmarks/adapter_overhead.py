@@ -5,8 +5,8 @@
 For each width d and rank r: the frozen dense layer's step computes y = x W0
 and the gradient for x only (a frozen weight needs no weight gradient); the
 adapted layer's step computes its output and the gradients for x and for the
-adapter parameters. Both jitted, float32, median of repeats, measured in the
-same run; the table reports the ratio adapted / dense. Also times PiSSA's
+adapter parameters. Both jitted, float32, median of repeats timed in
+alternation in the same run; the table reports the ratio adapted / dense. Also times PiSSA's
 randomized SVD init (pissa_niter_4) against the exact SVD init on a square
 kernel. Writes benchmarks/results/adapter_overhead.json.
 """
@@ -37,15 +37,18 @@ _SVD_RANK = flags.DEFINE_integer("svd_rank", 16, "Rank for the PiSSA init timing
 _OUT = flags.DEFINE_string("out", "benchmarks/results/adapter_overhead.json", "JSON output path.")
 
 
-def median_seconds(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def median_seconds(calls, repeats: int) -> list[float]:
+  """Median time of each ``(fn, args)``, timed in alternation so drift hits all alike."""
+  for fn, args in calls:  # compile and warm up
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    jax.block_until_ready(fn(*args))
+  times = [[] for _ in calls]
+  for _ in range(repeats):
+    for i, (fn, args) in enumerate(calls):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[i].append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
 
 
 def dense_step_fn(d: int):
@@ -78,7 +81,7 @@ def adapted_step_fn(d: int, spec):
 def time_init(init: str, d: int, rank: int, repeats: int) -> float:
   w0 = jax.random.normal(jax.random.key(0), (d, d), jnp.float32) / d**0.5
   fn = jax.jit(lambda key, w: lora_init.lora_factors(init, key, w, rank, 1.0))
-  return median_seconds(fn, jax.random.key(1), w0, repeats=repeats)
+  return median_seconds([(fn, (jax.random.key(1), w0))], repeats)[0]
 
 
 def main(argv):
@@ -88,11 +91,11 @@ def main(argv):
   for d in map(int, _DIMS.value):
     x = jax.random.normal(jax.random.key(2), (_TOKENS.value, d), jnp.float32)
     cotangent = jax.random.normal(jax.random.key(3), (_TOKENS.value, d), jnp.float32)
-    dense = median_seconds(dense_step_fn(d), x, cotangent, repeats=repeats)
+    dense_call = (dense_step_fn(d), (x, cotangent))
     for r in map(int, _RANKS.value):
       for method in ("lora", "dora"):
         step, state = adapted_step_fn(d, lrj.adapters.get(method, rank=r, alpha=2.0 * r))
-        seconds = median_seconds(step, state, x, cotangent, repeats=repeats)
+        dense, seconds = median_seconds([dense_call, (step, (state, x, cotangent))], repeats)
         rows.append(dict(method=method, d=d, rank=r, dense_s=dense, adapted_s=seconds,
                          ratio=seconds / dense))
   svd_repeats = max(3, repeats // 5)
