@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -69,7 +70,19 @@ def build_model(config, task: tasks.Task) -> nnx.Module:
 
 
 def trainable_filter(config):
-  return nnx.Param if config.method == "full" else lrj.AdapterParam
+  """Every nnx.Param for 'full'; else the adapter parameters, plus the parameters of the
+  modules whose path fully matches a regex of ``config.train_also`` (e.g. a new head)."""
+  if config.method == "full":
+    return nnx.Param
+  patterns = [re.compile(p) for p in config.get("train_also", [])]
+  if not patterns:
+    return lrj.AdapterParam
+
+  def also_trained(path, value):
+    module = "/".join(str(p) for p in path[:-1])
+    return isinstance(value, nnx.Param) and any(p.fullmatch(module) for p in patterns)
+
+  return nnx.Any(lrj.AdapterParam, also_trained)
 
 
 def tree_bytes(tree) -> int:

@@ -28,8 +28,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/study_quick.py", "Study config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default results/<study name>).")
 
-COLUMNS = ("label", "seed", "val_loss", "train_loss", "trainable_params", "optimizer_state_bytes",
-           "steps_per_s")
+COLUMNS = ("label", "seed", "val_loss", "val_accuracy", "train_loss", "trainable_params",
+           "optimizer_state_bytes", "steps_per_s")
 
 
 def run_config(run: dict, seed: int):
@@ -87,14 +87,17 @@ def run_study(study, workdir: str) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
   """Mean (and min..max over seeds) of each metric per run label."""
-  lines = ["| run | seeds | final val loss | trainable params | optimizer state | steps/s |",
-           "|---|---|---|---|---|---|"]
+  accuracy = any(r.get("val_accuracy") is not None for r in rows)
+  lines = ["| run | seeds | final val loss |" + (" val accuracy |" if accuracy else "")
+           + " trainable params | optimizer state | steps/s |",
+           "|---|---|---|" + ("---|" if accuracy else "") + "---|---|---|"]
   for label in dict.fromkeys(r["label"] for r in rows):
     group = [r for r in rows if r["label"] == label]
     losses = [r["val_loss"] for r in group]
     spread = f" ({min(losses):.4f}..{max(losses):.4f})" if len(losses) > 1 else ""
+    acc = (f" {statistics.mean(r['val_accuracy'] for r in group):.3f} |" if accuracy else "")
     lines.append(
-        f"| {label} | {len(group)} | {statistics.mean(losses):.4f}{spread} | "
+        f"| {label} | {len(group)} | {statistics.mean(losses):.4f}{spread} |{acc} "
         f"{group[0]['trainable_params']:,} | {group[0]['optimizer_state_bytes'] / 1024:,.1f} KiB | "
         f"{statistics.mean(r['steps_per_s'] for r in group):.1f} |")
   return "\n".join(lines)

@@ -12,6 +12,7 @@ A `Task` bundles four functions of the config:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator
 
 import jax
@@ -21,6 +22,7 @@ import optax
 from flax import nnx
 
 from experiments import data
+from lowrank_jax.models import bert
 from lowrank_jax.models import gpt
 from lowrank_jax.models import mlp
 from lowrank_jax.models import vit
@@ -142,4 +144,60 @@ register("vit_digits", Task(
         _digits(config, "train"), config.batch_size, config.seed, start),
     eval_batches=lambda config: [_digits(config, "validation")],
     loss=_classification_loss,
+))
+
+
+# -- MiniLM topic classification ------------------------------------------------------
+class SentenceClassifier(nnx.Module):
+  """A pretrained BERT encoder at ``bert``, mean pooling, and a linear ``head``."""
+
+  def __init__(self, encoder: bert.BertModel, num_classes: int, *, rngs: nnx.Rngs):
+    self.bert = encoder
+    self.head = nnx.Linear(encoder.config.hidden_size, num_classes, rngs=rngs)
+
+  def __call__(self, input_ids, attention_mask):
+    hidden = self.bert(input_ids, attention_mask)
+    return self.head(bert.mean_pool(hidden, attention_mask))
+
+
+@functools.lru_cache(maxsize=2)
+def _pretrained_bert(path: str):
+  return bert.from_pretrained(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _topic_arrays(path: str, split: str, max_topics: int, seq_len: int, val_fraction: float):
+  texts, labels, _ = data.topic_classification(split, val_fraction=val_fraction,
+                                               max_topics=max_topics)
+  tokenizer = _pretrained_bert(path)[1]
+  tokenizer.enable_truncation(seq_len)
+  tokenizer.enable_padding(length=seq_len)
+  encoded = tokenizer.encode_batch(texts)
+  return {"input_ids": np.array([e.ids for e in encoded], np.int32),
+          "attention_mask": np.array([e.attention_mask for e in encoded], np.int32),
+          "labels": labels.astype(np.int32)}
+
+
+def _topics(config, split):
+  d = config.data
+  return _topic_arrays(d.checkpoint, split, d.max_topics, d.seq_len, d.val_fraction)
+
+
+def _build_classifier(config, rngs):
+  encoder, _ = bert.from_pretrained(config.data.checkpoint)
+  return SentenceClassifier(encoder, config.data.max_topics, rngs=rngs)
+
+
+def _topic_loss(model, batch):
+  logits = model(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]))
+  return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"])}
+
+
+register("minilm_topics", Task(
+    build_model=_build_classifier,
+    train_batches=lambda config, start: indexed_batches(
+        _topics(config, "train"), config.batch_size, config.seed, start),
+    eval_batches=lambda config: [_topics(config, "validation")],
+    loss=_topic_loss,
 ))

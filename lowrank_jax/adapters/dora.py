@@ -67,11 +67,9 @@ class DoRASpec(lora.LoRASpec):
     if self.use_bias:
       raise ValueError(f"dora at '{path}': use_bias is not supported with DoRA.")
 
-  def build(self, base, *, rngs, calibration=None, path=""):
-    del calibration
-    view = layers.view_of(base, path)
-    self.validate(view, path)
-    return DoRA(base, self, view, path, rngs=rngs)
+  @property
+  def adapter_type(self) -> type["DoRA"]:
+    return DoRA
 
   def num_params(self, fan_in: int, fan_out: int) -> int:
     return super().num_params(fan_in, fan_out) + fan_out

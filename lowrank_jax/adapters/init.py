@@ -13,6 +13,7 @@ Every function computes in float32 and returns float32 arrays.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import NamedTuple
@@ -134,8 +135,13 @@ def check_init(init: str) -> None:
     raise ValueError(f"Unknown LoRA init {init!r}; known inits: {list(INIT_NAMES)}.")
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def lora_factors(init: str, key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
-  """Dispatch to the LoRA init named ``init`` (see `INIT_NAMES`)."""
+  """Dispatch to the LoRA init named ``init`` (see `INIT_NAMES`).
+
+  Jitted (cached per init, shape, rank and scale), so attaching to many layers of
+  the same shape compiles once instead of dispatching every SVD/QR op eagerly.
+  """
   check_init(init)
   match = _PISSA_NITER.fullmatch(init)
   if match:

