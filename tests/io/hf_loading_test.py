@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,19 +57,14 @@ def test_minilm_adapters_match_peft(minilm, method, tmp_path):
                       spec)], rngs=nnx.Rngs(0))
   state = nnx.state(model, lrj.AdapterParam)
   rng = np.random.default_rng(1)
-  nnx.update(model, jax_tree_map(lambda v: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32),
-                                 state))
+  nnx.update(model, jax.tree_util.tree_map(
+      lambda v: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32), state))
   ids, mask = _encode(tokenizer)
   ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
   lrj_io.export_peft(model, str(tmp_path))
   theirs = peft.PeftModel.from_pretrained(transformers.BertModel.from_pretrained(MINILM),
                                           str(tmp_path)).eval()
   np.testing.assert_allclose(ours, _hf_hidden(theirs, ids, mask), atol=1e-4)
-
-
-def jax_tree_map(fn, tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree_util.tree_map(fn, tree)
 
 
 def test_llama_checkpoint_logits_equal_transformers(tmp_path):
