@@ -1,0 +1,9 @@
+"""Low-rank and structured optimizers as optax GradientTransformations.
+
+``lrj.optim.get(name, **hp)`` builds a registered transform by name;
+``lrj.optim.names()`` lists them.
+"""
+
+from lowrank_jax.optim.registry import get
+from lowrank_jax.optim.registry import names
+from lowrank_jax.optim.registry import register

@@ -1,0 +1,66 @@
+"""The registry of lowrank_jax optimizers: optax GradientTransformation factories by name.
+
+``lrj.optim.get(name, **hyperparams)`` calls the factory registered as ``name``;
+``lrj.optim.names()`` lists them. A factory is registered with
+``@register("name", example=dict(...))``: ``example`` holds hyperparameters
+(besides ``learning_rate``) that make the transform apply to the small
+parameters of the shared test matrix (tests/optim/contract_test.py), e.g. a
+rank below their dims.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import optax
+
+Factory = Callable[..., optax.GradientTransformation]
+
+
+class Entry(NamedTuple):
+  factory: Factory
+  example: dict[str, Any]
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(name: str, *, example: dict[str, Any] | None = None) -> Callable[[Factory], Factory]:
+  """Decorator registering an optimizer factory under ``name``."""
+
+  def decorate(factory: Factory) -> Factory:
+    if name in _REGISTRY and _REGISTRY[name].factory is not factory:
+      raise ValueError(f"Optimizer name {name!r} is already registered by {_REGISTRY[name].factory}.")
+    _REGISTRY[name] = Entry(factory, dict(example or {}))
+    return factory
+
+  return decorate
+
+
+def names() -> list[str]:
+  """Names of all registered optimizers, sorted."""
+  return sorted(_REGISTRY)
+
+
+def entry(name: str) -> Entry:
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown lowrank_jax optimizer {name!r}; known optimizers: {names()}.")
+  return _REGISTRY[name]
+
+
+def get(name: str, **hyperparams) -> optax.GradientTransformation:
+  """The transform ``name`` built with ``hyperparams``.
+
+  Raises:
+    ValueError: unknown name (the known ones are listed) or a hyperparameter
+      the factory does not take (the accepted ones are listed).
+  """
+  factory = entry(name).factory
+  signature = inspect.signature(factory)
+  takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+  unknown = sorted(set(hyperparams) - set(signature.parameters))
+  if unknown and not takes_any:
+    raise ValueError(f"Unknown hyperparameters {unknown} for optimizer {name!r}; accepted: "
+                     f"{sorted(signature.parameters)}.")
+  return factory(**hyperparams)
