@@ -5,7 +5,10 @@
 ``@register("name", example=dict(...))``: ``example`` holds hyperparameters
 (besides ``learning_rate``) that make the transform apply to the small
 parameters of the shared test matrix (tests/optim/contract_test.py), e.g. a
-rank below their dims.
+rank below their dims. ``params`` names the kind of parameters the transform
+applies to in that matrix: 'dense' (plain matrices and vectors) or 'lora'
+(adapter sites holding ``lora_a`` (fan_in, r) and ``lora_b`` (r, fan_out)
+leaves, for pair-aware LoRA optimizers).
 """
 
 from __future__ import annotations
@@ -21,18 +24,22 @@ Factory = Callable[..., optax.GradientTransformation]
 class Entry(NamedTuple):
   factory: Factory
   example: dict[str, Any]
+  params: str
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str, *, example: dict[str, Any] | None = None) -> Callable[[Factory], Factory]:
+def register(name: str, *, example: dict[str, Any] | None = None,
+             params: str = "dense") -> Callable[[Factory], Factory]:
   """Decorator registering an optimizer factory under ``name``."""
+  if params not in ("dense", "lora"):
+    raise ValueError(f"register({name!r}): params must be 'dense' or 'lora', got {params!r}.")
 
   def decorate(factory: Factory) -> Factory:
     if name in _REGISTRY and _REGISTRY[name].factory is not factory:
       raise ValueError(f"Optimizer name {name!r} is already registered by {_REGISTRY[name].factory}.")
-    _REGISTRY[name] = Entry(factory, dict(example or {}))
+    _REGISTRY[name] = Entry(factory, dict(example or {}), params)
     return factory
 
   return decorate
