@@ -71,10 +71,20 @@ class Adapter(nnx.Module):
     ``identity_at_init``: the adapted layer equals the base at initialization.
     ``additive``: the merged kernel is ``W0 + delta`` with delta independent of
       W0, so merging can be undone by subtraction (`lrj.unmerge`).
+    `replaces_base_kernel`: building the adapter overwrote the base kernel.
   """
 
   identity_at_init: ClassVar[bool] = True
   additive: ClassVar[bool] = True
+
+  @property
+  def replaces_base_kernel(self) -> bool:
+    """Whether building the adapter replaced the base kernel (e.g. by an SVD residual).
+
+    Then ``self.base.kernel`` is no longer the original weight, so an update
+    expressed against it only applies to a base holding the same residual.
+    """
+    return False
 
   def __init__(self, base: nnx.Module, spec: AdapterSpec, view: layers.LayerView,
                path: str = ""):
