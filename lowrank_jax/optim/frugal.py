@@ -59,16 +59,22 @@ def frugal(
     rule: str = "sign",
     residual_scale: float = 1.0,
     policy: str = "reset",
+    strategy: str = "svd",
+    scale: float = 1.0,
+    inner: optax.GradientTransformation | None = None,
+    side: str = "smaller",
+    row_axes: Any = None,
+    seed: int = 0,
     weight_decay: float = 0.0,
     mask: Any = None,
-    **options,
 ) -> optax.GradientTransformation:
-  """FRUGAL: ``W <- W - lr (P Adam(P^T g) + residual_scale sign(g - P P^T g) + wd W)``.
+  """FRUGAL: ``W <- W - lr (scale P Adam(P^T g) + residual_scale rule(g - P P^T g) + wd W)``.
 
   The paper uses ``residual_scale=1`` for pretraining and 0.1 for
-  fine-tuning. ``options`` go to `galore.scale_by_galore`.
+  fine-tuning; the subspace strategy is any of `projection.STRATEGIES`.
   """
   return galore_lib._with_lr(
       scale_by_frugal(rank, refresh_every, rule=rule, residual_scale=residual_scale, policy=policy,
-                      **options),
+                      strategy=strategy, scale=scale, inner=inner, side=side, row_axes=row_axes,
+                      seed=seed),
       learning_rate, weight_decay, mask)

@@ -268,6 +268,9 @@ def adam_state_bytes(params, **hp):
 
 
 # --- factories ---------------------------------------------------------------
+# Every factory lists its hyperparameters explicitly (no **kwargs), so that
+# optax.inject_hyperparams sees them; integer structural arguments (rank,
+# refresh_every) must then be named in its ``static_args``.
 
 @registry.register("galore", example={"rank": 4, "refresh_every": 2}, state_bytes=adam_state_bytes)
 def galore(
@@ -278,48 +281,72 @@ def galore(
     policy: str = "keep",
     scale: float = 1.0,
     inner: optax.GradientTransformation | None = None,
+    side: str = "smaller",
+    row_axes: Any = None,
+    seed: int = 0,
     weight_decay: float = 0.0,
     mask: Any = None,
-    **options,
 ) -> optax.GradientTransformation:
   """GaLore: ``W <- W - lr (scale * P Adam(P^T G) + weight_decay * W)``.
 
   The paper's pretraining setting is ``scale=0.25``, ``refresh_every=200``;
-  the defaults here are optax's (scale 1). ``options`` go to
-  `scale_by_galore` (side, row_axes, seed, residual, ...). Decoupled weight
-  decay is applied in the full space, as in optax.contrib.galore.
+  the defaults here are optax's (scale 1). Decoupled weight decay is applied
+  in the full space, as in optax.contrib.galore. `scale_by_galore` has the
+  remaining options (residual step, randomized-SVD and random settings).
   """
   return _with_lr(scale_by_galore(rank, refresh_every, strategy=strategy, policy=policy, inner=inner,
-                                  scale=scale, **options), learning_rate, weight_decay, mask)
+                                  scale=scale, side=side, row_axes=row_axes, seed=seed),
+                  learning_rate, weight_decay, mask)
 
 
 @registry.register("galore_dct", example={"rank": 4, "refresh_every": 2},
                    state_bytes=lambda params, **hp: adam_state_bytes(params, strategy="dct", **hp))
-def galore_dct(learning_rate: optax.ScalarOrSchedule, rank: Any = 128, refresh_every: int = 200,
-               **options) -> optax.GradientTransformation:
+def galore_dct(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Any = 128,
+    refresh_every: int = 200,
+    policy: str = "keep",
+    scale: float = 1.0,
+    inner: optax.GradientTransformation | None = None,
+    side: str = "smaller",
+    row_axes: Any = None,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+) -> optax.GradientTransformation:
   """SVD-free GaLore: `galore` with the DCT projector (Modoranu et al., 2025).
 
   ``P = Q[:, idx]``, ``idx = top_r ||(Q^T G)_j||`` over the DCT-II basis Q;
   the state holds r int32 indices per matrix instead of P.
   """
-  return galore(learning_rate, rank, refresh_every, strategy="dct", **options)
+  return galore(learning_rate, rank, refresh_every, strategy="dct", policy=policy, scale=scale,
+                inner=inner, side=side, row_axes=row_axes, weight_decay=weight_decay, mask=mask)
 
 
-@registry.register("galore_plus", example={"rank": 4, "refresh_every": 2, "residual_density": 0.1},
-                   state_bytes=lambda params, **hp: adam_state_bytes(params, share_heads=True, **{"row_axes": 1, **hp}))
+@registry.register("galore_plus",
+                   example={"rank": 4, "refresh_every": 2, "residual_density": 0.1, "niter": 1,
+                            "policy": "rotate"},
+                   state_bytes=lambda params, **hp: adam_state_bytes(
+                       params, strategy="randomized", share_heads=True, **{"row_axes": 1, **hp}))
 def galore_plus(
     learning_rate: optax.ScalarOrSchedule,
     rank: Any = 128,
     refresh_every: int = 200,
+    policy: str = "keep",
+    scale: float = 1.0,
+    inner: optax.GradientTransformation | None = None,
     row_axes: Any = 1,
+    niter: int = 2,
+    oversample: int = 8,
     residual_density: float | None = None,
     residual_scale: float = 1.0,
-    niter: int = 2,
-    **options,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    mask: Any = None,
 ) -> optax.GradientTransformation:
   """GaLore+: randomized-SVD projector shared across heads, optional sparse residual.
 
-  * ``P`` from `linalg.randomized_svd` (``niter`` power iterations).
+  * ``P`` from `linalg.randomized_svd` (``niter`` power iterations,
+    ``oversample`` extra columns).
   * Cross-head projection: a kernel stored with heads as axes, e.g.
     (d, heads, head_dim) with ``row_axes=1`` or (heads, head_dim, d) with
     ``row_axes=2``, gets one P on its model axis d, computed from all heads'
@@ -328,19 +355,27 @@ def galore_plus(
     the residual ``G - P P^T G`` by magnitude is added to the update, times
     ``residual_scale`` (a state-free sparse SGD step).
 
+  A randomized SVD returns basis vectors of arbitrary sign at each refresh,
+  so with ``policy='keep'`` the kept moments can point the wrong way after a
+  refresh; ``policy='rotate'`` maps them (see docs/optimizers.md).
+
   Differs from the paper: the paper approximates the cross-head SVD from a
   few heads and keeps moment estimates for its sparse residual (inferred from
   its description); here P comes from all heads at once and the residual step
   is state-free.
   """
   residual = None if residual_density is None else "topk"
-  return galore(learning_rate, rank, refresh_every, strategy="randomized", row_axes=row_axes,
-                share_heads=True, niter=niter, residual=residual, residual_scale=residual_scale,
-                residual_density=1.0 if residual_density is None else residual_density, **options)
+  return _with_lr(
+      scale_by_galore(rank, refresh_every, strategy="randomized", policy=policy, inner=inner,
+                      scale=scale, row_axes=row_axes, share_heads=True, niter=niter,
+                      oversample=oversample, seed=seed, residual=residual,
+                      residual_scale=residual_scale,
+                      residual_density=1.0 if residual_density is None else residual_density),
+      learning_rate, weight_decay, mask)
 
 
-@registry.register("flora", example={"rank": 4, "refresh_every": 2},
-                   state_bytes=lambda params, **hp: state_bytes(params, moments=1, **hp))
+@registry.register("flora", example={"rank": 4, "refresh_every": 10},
+                   state_bytes=lambda params, **hp: state_bytes(params, moments=1, strategy="random", **hp))
 def flora(
     learning_rate: optax.ScalarOrSchedule,
     rank: Any = 128,
@@ -348,23 +383,31 @@ def flora(
     b1: float = 0.9,
     distribution: str = "gaussian",
     inner: optax.GradientTransformation | None = None,
-    **options,
+    side: str = "smaller",
+    row_axes: Any = None,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    mask: Any = None,
 ) -> optax.GradientTransformation:
   """Flora: momentum kept in random low-rank coordinates, resampled every T (kappa) steps.
 
   ``P`` is Gaussian with entries N(0, 1/r), ``E[P P^T] = I``, resampled every
   ``refresh_every`` steps; the compressed momentum is carried over to the new
   projection by ``R = P_new^T P_old`` (the 'rotate' policy), and the update is
-  ``P ema_b1(P^T G)``.
+  ``P ema_b1(P^T G)``. Each transfer between independent Gaussian
+  projections inflates the momentum's norm by about sqrt(dim / r), which the
+  decay b1^T must outweigh: keep T large (the paper's kappa is 1000).
 
   Differs from the reference code: it regenerates P from a seed instead of
   storing it, and feeds the decompressed momentum to Adafactor; here P is
-  stored and the inner optimizer is an EMA (chain an optax preconditioner
-  after this transform, or pass ``inner``, for the Adafactor variant).
+  stored and the inner optimizer is an EMA (pass ``inner``, or chain an optax
+  preconditioner after this transform, for other variants).
   """
   inner = optax.ema(b1) if inner is None else inner
-  return galore(learning_rate, rank, refresh_every, strategy="random", policy="rotate", inner=inner,
-                distribution=distribution, **options)
+  return _with_lr(
+      scale_by_galore(rank, refresh_every, strategy="random", policy="rotate", inner=inner,
+                      distribution=distribution, side=side, row_axes=row_axes, seed=seed),
+      learning_rate, weight_decay, mask)
 
 
 @registry.register("online_subspace_descent", example={"rank": 4, "online_lr": 0.1},
@@ -375,7 +418,12 @@ def online_subspace_descent(
     refresh_every: int = 200,
     online_lr: float | None = None,
     policy: str = "keep",
-    **options,
+    scale: float = 1.0,
+    inner: optax.GradientTransformation | None = None,
+    side: str = "smaller",
+    row_axes: Any = None,
+    weight_decay: float = 0.0,
+    mask: Any = None,
 ) -> optax.GradientTransformation:
   """Online Subspace Descent: ``u = P_t Adam(P_t^T G_t)`` with P moved every step by online PCA.
 
@@ -387,5 +435,7 @@ def online_subspace_descent(
   defaults to AdamW on P, with SGD as an option), and the current gradient is
   projected with the updated P.
   """
-  return galore(learning_rate, rank, refresh_every, strategy="online_pca", policy=policy,
-                online_lr=online_lr, **options)
+  return _with_lr(
+      scale_by_galore(rank, refresh_every, strategy="online_pca", policy=policy, inner=inner,
+                      scale=scale, side=side, row_axes=row_axes, online_lr=online_lr),
+      learning_rate, weight_decay, mask)
