@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lowrank_jax import linalg
@@ -97,9 +98,28 @@ def _coefficient_set(coeffs: str | tuple) -> tuple[tuple[float, float, float], .
   return triples
 
 
+def static_number(value, name: str, kind=int):
+  """A structural hyperparameter (a shape or a loop length) as a Python number.
+
+  ``optax.inject_hyperparams`` turns numeric arguments into arrays; these ones
+  cannot be traced, so they default to None and must be listed in its
+  ``static_args`` when given.
+  """
+  if value is None:
+    return None
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"{name} fixes a shape or a loop length and cannot be a traced hyperparameter; use "
+        f"optax.inject_hyperparams(..., static_args=({name!r},)).")
+  return kind(value) if isinstance(value, (jax.Array, np.ndarray)) else value
+
+
 def newton_schulz_steps(coeffs: str | tuple, ns_steps: int) -> tuple[tuple[float, float, float], ...]:
   """The per-step coefficient list of a coefficient set run for ``ns_steps`` steps."""
   triples = _coefficient_set(coeffs)
+  ns_steps = static_number(ns_steps, "ns_steps")
+  if ns_steps is None:
+    ns_steps = 5 if len(triples) == 1 else len(triples)
   if len(triples) == 1:
     if not isinstance(ns_steps, int) or ns_steps < 1:
       raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}.")
@@ -226,8 +246,8 @@ class ScaleByMuonState(NamedTuple):
 
 def scale_by_muon(beta: float = 0.95, *, nesterov: bool = True, bias_correction: bool = True,
                   polar: str = "newton_schulz", ns_coeffs: str | tuple = "muon",
-                  ns_steps: int = 5, polar_rank: int | None = None, eps: float = 1e-8,
-                  scaling: str = "max_ratio", rms: float = 0.2, seed: int = 0,
+                  ns_steps: int | None = None, polar_rank: int | None = None, eps: float = 1e-8,
+                  scaling: str = "max_ratio", rms: float = 0.2, seed: int | None = None,
                   mu_dtype: Any = None) -> optax.GradientTransformation:
   """Muon's direction: ``scale * polar(momentum)`` for 2-D parameters.
 
@@ -253,16 +273,19 @@ def scale_by_muon(beta: float = 0.95, *, nesterov: bool = True, bias_correction:
     polar: 'newton_schulz', 'svd' (exact) or 'randomized' (low-rank).
     ns_coeffs: a name in `NEWTON_SCHULZ_COEFFS`, one (a, b, c) triple, or a
       tuple of per-step triples.
-    ns_steps: Newton-Schulz steps (must equal the length of a per-step set).
+    ns_steps: Newton-Schulz steps; None is 5, or the length of a per-step set
+      (which it must equal when given).
     polar_rank: rank k of the randomized polar (required for 'randomized').
     eps: added to the Frobenius norm before Newton-Schulz.
     scaling: 'max_ratio', 'ratio', 'rms' or 'none' (`shape_scale`).
     rms: the target RMS of scaling='rms'.
-    seed: PRNG seed of the randomized polar's test matrices.
+    seed: PRNG seed of the randomized polar's test matrices (None is 0).
     mu_dtype: dtype of the momentum; None keeps the parameter dtype.
   """
   _check_unit_interval(beta, "beta")
   _check_choice(polar, POLAR_METHODS, "polar")
+  polar_rank = static_number(polar_rank, "polar_rank")
+  seed = static_number(seed, "seed") or 0
   _check_choice(scaling, SCALINGS, "scaling")
   coeffs = newton_schulz_steps(ns_coeffs, ns_steps) if polar == "newton_schulz" else ()
   if polar == "randomized" and (not isinstance(polar_rank, int) or polar_rank < 1):
@@ -307,8 +330,8 @@ def scale_by_muon(beta: float = 0.95, *, nesterov: bool = True, bias_correction:
 @registry.register("muon", example={})
 def muon(learning_rate: optax.ScalarOrSchedule, beta: float = 0.95, *, nesterov: bool = True,
          bias_correction: bool = True, polar: str = "newton_schulz",
-         ns_coeffs: str | tuple = "muon", ns_steps: int = 5, polar_rank: int | None = None,
-         eps: float = 1e-8, scaling: str = "max_ratio", rms: float = 0.2, seed: int = 0,
+         ns_coeffs: str | tuple = "muon", ns_steps: int | None = None, polar_rank: int | None = None,
+         eps: float = 1e-8, scaling: str = "max_ratio", rms: float = 0.2, seed: int | None = None,
          mu_dtype: Any = None, weight_decay: float = 0.0, mask: Any = None,
          adam_learning_rate: optax.ScalarOrSchedule | None = None, adam_b1: float = 0.9,
          adam_b2: float = 0.999, adam_eps: float = 1e-8, adam_weight_decay: float = 0.0,
@@ -363,8 +386,8 @@ def dion_step(b: Array, q: Array, mu: float, eps: float = 1e-8) -> tuple[Array, 
   return p @ new_q.T, new_momentum, new_q
 
 
-def scale_by_dion(rank: int | float = 0.25, mu: float = 0.95, *, eps: float = 1e-8,
-                  scaling: str = "ratio", rms: float = 0.2, seed: int = 0,
+def scale_by_dion(rank: int | float | None = None, mu: float = 0.95, *, eps: float = 1e-8,
+                  scaling: str = "ratio", rms: float = 0.2, seed: int | None = None,
                   mu_dtype: Any = None) -> optax.GradientTransformation:
   """Dion's direction for 2-D parameters (Ahn et al., 2025, Algorithm 1).
 
@@ -388,16 +411,20 @@ def scale_by_dion(rank: int | float = 0.25, mu: float = 0.95, *, eps: float = 1e
   them); ``Q`` starts from a seeded Gaussian; computed in float32.
 
   Args:
-    rank: r, an integer or a fraction of min(fan_in, fan_out) in (0, 1].
+    rank: r, an integer or a fraction of min(fan_in, fan_out) in (0, 1];
+      None is 0.25.
     mu: momentum decay in [0, 1).
     eps: added to the column norms of R.
     scaling: shape factor (`shape_scale`); 'ratio' is the paper's sqrt(m/n).
     rms: target RMS of scaling='rms'.
-    seed: PRNG seed of the initial Q.
+    seed: PRNG seed of the initial Q (None is 0).
     mu_dtype: dtype of M and Q; None keeps the parameter dtype.
   """
   _check_unit_interval(mu, "mu")
   _check_choice(scaling, SCALINGS, "scaling")
+  rank = static_number(rank, "rank", kind=lambda v: v.item())
+  rank = 0.25 if rank is None else rank
+  seed = static_number(seed, "seed") or 0
 
   def init_fn(params):
     check_matrices(params, "dion")
@@ -426,9 +453,9 @@ def scale_by_dion(rank: int | float = 0.25, mu: float = 0.95, *, eps: float = 1e
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-@registry.register("dion", example={"rank": 2})
-def dion(learning_rate: optax.ScalarOrSchedule, rank: int | float = 0.25, mu: float = 0.95, *,
-         eps: float = 1e-8, scaling: str = "ratio", rms: float = 0.2, seed: int = 0,
+@registry.register("dion", example={})
+def dion(learning_rate: optax.ScalarOrSchedule, rank: int | float | None = None, mu: float = 0.95, *,
+         eps: float = 1e-8, scaling: str = "ratio", rms: float = 0.2, seed: int | None = None,
          mu_dtype: Any = None, weight_decay: float = 0.0, mask: Any = None,
          adam_learning_rate: optax.ScalarOrSchedule | None = None, adam_b1: float = 0.9,
          adam_b2: float = 0.95, adam_eps: float = 1e-8, adam_weight_decay: float = 0.0,
@@ -505,7 +532,7 @@ class ScaleByMarsMState(NamedTuple):
 
 
 def scale_by_mars_m(beta: float = 0.95, gamma: float = 0.025, *, ns_coeffs: str | tuple = "muon",
-                    ns_steps: int = 5, eps: float = 1e-7, scaling: str = "rms",
+                    ns_steps: int | None = None, eps: float = 1e-7, scaling: str = "rms",
                     rms: float = 0.2) -> optax.GradientTransformation:
   """MARS-M's direction (approximate version) for 2-D parameters.
 
@@ -547,7 +574,7 @@ def scale_by_mars_m(beta: float = 0.95, gamma: float = 0.025, *, ns_coeffs: str 
 
 @registry.register("mars_m", example={})
 def mars_m(learning_rate: optax.ScalarOrSchedule, beta: float = 0.95, gamma: float = 0.025, *,
-           ns_coeffs: str | tuple = "muon", ns_steps: int = 5, eps: float = 1e-7,
+           ns_coeffs: str | tuple = "muon", ns_steps: int | None = None, eps: float = 1e-7,
            scaling: str = "rms", rms: float = 0.2, weight_decay: float = 0.0, mask: Any = None,
            adam_learning_rate: optax.ScalarOrSchedule | None = None, adam_b1: float = 0.9,
            adam_b2: float = 0.95, adam_eps: float = 1e-8, adam_weight_decay: float = 0.0,
