@@ -145,15 +145,17 @@ def newton_schulz(
     x: Array,
     *,
     steps: int = 5,
-    coeffs: str | tuple[float, float, float] = "muon",
+    coeffs: str | tuple[float, float, float] | Sequence[tuple[float, float, float]] = "muon",
     eps: float = 1e-7,
 ) -> Array:
   """Approximate polar factor of ``x`` by a Newton-Schulz iteration.
 
-  ``X_0 = x / ||x||_F`` then ``steps`` times ``A = X X^T``,
+  ``X_0 = x / (||x||_F + eps)`` then ``steps`` times ``A = X X^T``,
   ``X <- a X + (b A + c A^2) X``; wide orientation is used internally so that
   ``A`` is the smaller Gram matrix. With ``coeffs='cubic'`` this converges to
   ``polar(x)`` for full-rank ``x``; ``'muon'`` trades convergence for speed.
+  ``coeffs`` is a name, one triple (a, b, c) used at every step, or a
+  sequence of exactly ``steps`` triples, one per step.
   """
   _check_matrix(x, "x")
   if steps < 1:
@@ -163,13 +165,16 @@ def newton_schulz(
       raise ValueError(
           f"Unknown coeffs {coeffs!r}; known: {sorted(NEWTON_SCHULZ_COEFFS)}.")
     coeffs = NEWTON_SCHULZ_COEFFS[coeffs]
-  a, b, c = coeffs
+  per_step = [tuple(c) for c in coeffs] if isinstance(coeffs[0], (tuple, list)) else [tuple(coeffs)] * steps
+  if len(per_step) != steps or any(len(c) != 3 for c in per_step):
+    raise ValueError(
+        f"coeffs must be one (a, b, c) triple or {steps} triples (one per step), got {coeffs!r}.")
   x = _as_float(x)
   transposed = x.shape[0] > x.shape[1]
   if transposed:
     x = x.T
   x = x / (jnp.linalg.norm(x) + eps)
-  for _ in range(steps):
+  for a, b, c in per_step:
     gram = x @ x.T
     x = a * x + (b * gram + c * (gram @ gram)) @ x
   return x.T if transposed else x
