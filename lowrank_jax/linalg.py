@@ -221,7 +221,9 @@ def cayley_neumann(q: Array, order: int) -> Array:
   """Cayley transform with the inverse replaced by a Neumann series.
 
   ``R ~= (I + Q)(I + Q + Q^2 + ... + Q^order)`` (Qiu et al., POET, 2025): no
-  matrix inverse; the orthogonality error is O(||Q||^{order+1}) for ||Q|| < 1.
+  matrix inverse. Since ``(I - Q) S = I - Q^{k+1}`` for the series S, a skew Q
+  gives ``R^T R = (I - (-Q)^{k+1})(I - Q^{k+1})``: the orthogonality error is
+  about ``2 ||Q||^{k+1}`` for odd k and ``||Q||^{2k+2}`` for even k (||Q|| < 1).
   """
   if order < 1:
     raise ValueError(f"Neumann order k must be >= 1, got {order}.")
@@ -266,3 +268,61 @@ def column_norms(w: Array) -> Array:
   """Euclidean norm of each column of (m, n) ``w``: shape (n,), in float32."""
   w = _as_float(w)
   return jnp.sqrt(jnp.sum(w * w, axis=0))
+
+
+def inverse_permutation(perm: Array) -> Array:
+  """``inv`` with ``inv[perm[i]] = i`` (integer arrays, batched over leading axes)."""
+  return jnp.argsort(perm, axis=-1)
+
+
+def permuted_block_diag(blocks: Array, perm: Array | None = None) -> Array:
+  """The dense (n, n) matrix ``R = P^T diag(G_1, ..., G_k) P``.
+
+  ``blocks`` is (k, b, b) with n = k b; ``P`` is the permutation matrix with
+  ``P[i, perm[i]] = 1`` (so ``(P v)_i = v[perm[i]]``); ``perm=None`` is the
+  identity. ``R`` is orthogonal when every block is. Reference for
+  `block_diag_matmul`; it forms an n x n matrix, so use it only for checks.
+  """
+  k, b, _ = blocks.shape
+  dense = jax.scipy.linalg.block_diag(*[blocks[i] for i in range(k)])
+  if perm is None:
+    return dense
+  inv = inverse_permutation(perm)
+  return dense[inv][:, inv]
+
+
+def block_diag_matmul(x: Array, blocks: Array, perm: Array | None = None) -> Array:
+  """``x @ P^T diag(G_1, ..., G_k) P`` along the last axis of ``x``, without forming it.
+
+  The permuted block-diagonal orthogonal product of BOFT / POET-BS
+  (Qiu et al., "Reparameterized LLM Training via Orthogonal Equivalence
+  Transformation", 2025): gather the features by ``perm``, multiply each group
+  of ``b`` consecutive features by its block, scatter back. Cost O(n b) per row
+  instead of O(n^2).
+
+  Args:
+    x: (..., n) array.
+    blocks: (k, b, b) with k b = n.
+    perm: (n,) integer permutation, or None for the identity.
+  """
+  k, b, _ = blocks.shape
+  n = x.shape[-1]
+  if k * b != n:
+    raise ValueError(f"blocks {blocks.shape} cover {k * b} features but x has {n}.")
+  if perm is not None:
+    x = jnp.take(x, perm, axis=-1)
+  y = jnp.einsum("...kr,krc->...kc", x.reshape(x.shape[:-1] + (k, b)), blocks)
+  y = y.reshape(x.shape)
+  if perm is not None:
+    y = jnp.take(y, inverse_permutation(perm), axis=-1)
+  return y
+
+
+def polar_retraction(x: Array, xi: Array) -> Array:
+  """Polar retraction on the Stiefel manifold: ``polar(x + xi)``.
+
+  Maps a tangent step ``xi`` at ``x`` (orthonormal columns) back onto the
+  manifold: the closest matrix with orthonormal columns to ``x + xi``
+  (Absil, Mahony & Sepulchre, 2008, Example 4.1.3).
+  """
+  return polar(jnp.asarray(x) + jnp.asarray(xi))

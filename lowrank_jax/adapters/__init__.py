@@ -22,3 +22,5 @@ from lowrank_jax.adapters.dora import DoRASpec
 
 lora = factory(LoRASpec)
 dora = factory(DoRASpec)
+from lowrank_jax.reparam.poet import POETSpec  # pylint: disable=g-bad-import-order
+poet = factory(POETSpec)
