@@ -22,3 +22,24 @@ from lowrank_jax.adapters.dora import DoRASpec
 
 lora = factory(LoRASpec)
 dora = factory(DoRASpec)
+from lowrank_jax.adapters import factored_methods as _factored_methods
+from lowrank_jax.adapters import adalora as _adalora
+from lowrank_jax.adapters import regularizers
+factored = factory(_factored_methods.FactoredSpec)
+lora_xs = factory(_factored_methods.LoRAXSSpec)
+lora_sb = factory(_factored_methods.LoRASBSpec)
+svft = factory(_factored_methods.SVFTSpec)
+svfit = factory(_factored_methods.SVFitSpec)
+vectorfit = factory(_factored_methods.VectorFitSpec)
+sorsa = factory(_factored_methods.SORSASpec)
+edora = factory(_factored_methods.EDoRASpec)
+nlora = factory(_factored_methods.NLoRASpec)
+slora = factory(_factored_methods.SLoRASpec)
+inttune = factory(_factored_methods.IntTuneSpec)
+pmss = factory(_factored_methods.PMSSSpec)
+lora_mini = factory(_factored_methods.LoRAMiniSpec)
+lora_asym = factory(_factored_methods.AsymmetricLoRASpec)
+singlora = factory(_factored_methods.SingLoRASpec)
+lora_dropout = factory(_factored_methods.LoRADropoutSpec)
+capaboost = factory(_factored_methods.CapaBoostSpec)
+adalora = factory(_adalora.AdaLoRASpec)
