@@ -59,9 +59,23 @@ def _make(name, kind, dtype=jnp.float32, salt=0):
   return model, x
 
 
+def _calibration(model, spec, seed):
+  """Random calibration statistics for specs that declare ``calibration_needs``."""
+  needs = getattr(spec, "calibration_needs", ())
+  if not needs:
+    return None
+  view = lrj.adapters.view_of(model.layer)
+  shapes = {"grad": (view.fan_in, view.fan_out), "input_sq_norm": (view.fan_in,),
+            "input_gram": (view.fan_in, view.fan_in)}
+  keys = jax.random.split(jax.random.key(seed + 7), len(needs))
+  stats = {need: jax.random.normal(k, shapes[need]) for need, k in zip(needs, keys)}
+  return {"layer": lrj.calibrate.SiteStats(num_tokens=1, **stats)}
+
+
 def _attach(model, name, seed):
   spec = lrj.adapters.get(name)
-  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+             calibration=_calibration(model, spec, seed))
   return spec
 
 
@@ -159,8 +173,7 @@ def test_bfloat16_params(name, kind):
   nnx.update(model16, jax.tree_util.tree_map(lambda v: v.astype(jnp.bfloat16),
                                              nnx.state(model32, lrj.AdapterParam)))
   model32.eval(), model16.eval()
-  # Every floating leaf is bfloat16 (integer buffers such as permutations or sparse indices stay
-  # integers).
+  # Every floating leaf is bfloat16 (index buffers, step counters and RNG state are not floats).
   assert all(v.dtype == jnp.bfloat16 for v in jax.tree_util.tree_leaves(nnx.state(model16))
              if jnp.issubdtype(v.dtype, jnp.floating))
   y16 = jax.jit(lambda m, x: m(x))(model16, x32.astype(jnp.bfloat16))
