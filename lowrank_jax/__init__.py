@@ -11,3 +11,4 @@ from lowrank_jax.attach import summary
 from lowrank_jax.attach import unmerge
 
 __version__ = "0.1.0"
+from lowrank_jax import calibrate
