@@ -22,3 +22,7 @@ from lowrank_jax.adapters.dora import DoRASpec
 
 lora = factory(LoRASpec)
 dora = factory(DoRASpec)
+from lowrank_jax.adapters.stella import Stella
+from lowrank_jax.adapters.stella import StellaSpec
+
+stella = factory(StellaSpec)

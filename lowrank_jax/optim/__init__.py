@@ -7,3 +7,5 @@
 from lowrank_jax.optim.registry import get
 from lowrank_jax.optim.registry import names
 from lowrank_jax.optim.registry import register
+from lowrank_jax.optim import riemannian
+from lowrank_jax.optim.riemannian import stiefel
