@@ -9,3 +9,4 @@ from lowrank_jax.optim.registry import names
 from lowrank_jax.optim.registry import register
 from lowrank_jax.optim import riemannian
 from lowrank_jax.optim.riemannian import stiefel
+from lowrank_jax.optim import lora
