@@ -12,3 +12,4 @@ from lowrank_jax.attach import unmerge
 
 __version__ = "0.1.0"
 from lowrank_jax import reparam
+from lowrank_jax import calibrate

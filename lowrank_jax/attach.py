@@ -75,25 +75,15 @@ def _compile_rules(rules: Sequence[Rule]) -> list[tuple[re.Pattern, Any]]:
   return compiled
 
 
-def attach(model: nnx.Module, rules: Sequence[Rule], *, rngs: nnx.Rngs,
-           calibration: Any = None) -> nnx.Module:
-  """Wrap the submodules of ``model`` selected by ``rules`` in adapters, in place.
+def select(model: nnx.Module, rules: Sequence[Rule]
+           ) -> list[tuple[tuple[Any, ...], str, nnx.Module, "adapter_base.AdapterSpec"]]:
+  """The (path, name, module, spec) sites that ``rules`` give an adapter, in traversal order.
 
-  Args:
-    model: any NNX module (nested modules, nnx.List / nnx.Dict of layers).
-    rules: ordered ``(regex, spec or None)`` pairs; the first rule whose regex
-      fully matches a module's path decides for that module.
-    rngs: random streams for the adapters' initialization (``params``) and
-      dropout (``dropout``).
-    calibration: per-site statistics for inits that need data, passed to each
-      spec's ``build``.
-
-  Returns:
-    ``model`` itself, with adapters in place.
+  The first rule whose regex fully matches a module's path decides for it.
 
   Raises:
     ValueError: a rule matching no module (candidate paths listed), a rule
-      selecting an already adapted module, bad hyperparameters for a layer.
+      selecting an already adapted module.
     UnsupportedLayerError: a rule selecting a module that is not linear-like.
   """
   compiled = _compile_rules(rules)
@@ -121,7 +111,31 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, rngs: nnx.Rngs,
           f"Module '{name}' already has a {type(module).__name__} adapter "
           f"({module.spec.name}); merge it first (lrj.merge) or target another path.")
     layers.view_of(module, name)  # raises UnsupportedLayerError with the path
-  for path, name, module, spec in targets:
+  return targets
+
+
+def attach(model: nnx.Module, rules: Sequence[Rule], *, rngs: nnx.Rngs,
+           calibration: Any = None) -> nnx.Module:
+  """Wrap the submodules of ``model`` selected by ``rules`` in adapters, in place.
+
+  Args:
+    model: any NNX module (nested modules, nnx.List / nnx.Dict of layers).
+    rules: ordered ``(regex, spec or None)`` pairs; the first rule whose regex
+      fully matches a module's path decides for that module.
+    rngs: random streams for the adapters' initialization (``params``) and
+      dropout (``dropout``).
+    calibration: per-site statistics for inits that need data
+      (`lowrank_jax.calibrate.collect`), passed to each spec's ``build``.
+
+  Returns:
+    ``model`` itself, with adapters in place.
+
+  Raises:
+    ValueError: a rule matching no module (candidate paths listed), a rule
+      selecting an already adapted module, bad hyperparameters for a layer.
+    UnsupportedLayerError: a rule selecting a module that is not linear-like.
+  """
+  for path, name, module, spec in select(model, rules):
     _set_child(model, path, spec.build(module, rngs=rngs, calibration=calibration, path=name))
   return model
 

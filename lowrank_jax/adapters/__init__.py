@@ -45,3 +45,7 @@ singlora = factory(_factored_methods.SingLoRASpec)
 lora_dropout = factory(_factored_methods.LoRADropoutSpec)
 capaboost = factory(_factored_methods.CapaBoostSpec)
 adalora = factory(_adalora.AdaLoRASpec)
+from lowrank_jax.adapters.stella import Stella
+from lowrank_jax.adapters.stella import StellaSpec
+
+stella = factory(StellaSpec)

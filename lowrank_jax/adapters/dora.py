@@ -81,8 +81,8 @@ class DoRA(lora.LoRA):
   additive = False
 
   def __init__(self, base: nnx.Module, spec: DoRASpec, view: layers.LayerView, path: str = "",
-               *, rngs: nnx.Rngs):
-    super().__init__(base, spec, view, path, rngs=rngs)
+               *, rngs: nnx.Rngs, grad: Array | None = None):
+    super().__init__(base, spec, view, path, rngs=rngs, grad=grad)
     norm = self.column_norm()
     sharding = adapter_base.sharding_for_factors(base, view)
     self.magnitude = adapter_base.AdapterParam(norm.astype(self.lora_a.dtype), **sharding["out"])

@@ -8,7 +8,11 @@ PEFT stores ``nn.Linear.weight`` as (out, in) and ``lora_A.weight`` (r, in),
 
 Weight-aware inits return the residual base weight that keeps the adapted
 layer's function unchanged at initialization: ``w_res = w0 - s * a @ b``.
-Every function computes in float32 and returns float32 arrays.
+Gradient inits (LoRA-GA, LoRA-One, GoRA) also read ``grad``, the mean
+calibration gradient dL/dW0 in the same (fan_in, fan_out) layout
+(`lowrank_jax.calibrate.collect`); whether they compensate W0 is an option
+whose default follows each paper. Every function computes in float32 and
+returns float32 arrays.
 """
 
 from __future__ import annotations
@@ -113,6 +117,94 @@ def olora_init(key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
   return LoRAFactors(a, b, w0 - scale * (a @ b))
 
 
+def lora_ga_init(key: Array, w0: Array, grad: Array, rank: int, scale: float, alpha: float,
+                 gamma: float) -> tuple[Array, Array]:
+  """LoRA-GA (Wang et al., "LoRA-GA: Low-Rank Adaptation with Gradient Approximation", 2024).
+
+  Paper layout, with ``G = U S V^T`` the (out, in) gradient: ``A = c V[:, :r]^T``,
+  ``B = c U[:, r:2r]`` with the 'stable' scale ``c = d_out^(1/4) / sqrt(gamma)``
+  (the official code's ``direction='ArB2r'``, ``scale='stable'``), so that the
+  first step of LoRA moves ``BA`` along the best rank-2r approximation of G.
+  Ours: ``grad = G^T = V S U^T``, so ``a = c left[:, :r]`` and
+  ``b = c right^T[r:2r]``. PEFT's LoRA-GA differs (it multiplies B by the
+  singular values and scales B only). The exact SVD is used where the
+  reference code uses ``torch.svd_lowrank``.
+  """
+  del key, w0, scale, alpha
+  fan_out = grad.shape[1]
+  left, _, right_t = linalg.svd_topk(grad.astype(jnp.float32), 2 * rank)
+  c = fan_out ** 0.25 / math.sqrt(gamma)
+  return c * left[:, :rank], c * right_t[rank:2 * rank]
+
+
+def lora_one_init(key: Array, w0: Array, grad: Array, rank: int, scale: float, alpha: float,
+                  gamma: float) -> tuple[Array, Array]:
+  """LoRA-One (Zhang, Liu & Chen, "One-step full gradient suffices for low-rank
+  fine-tuning, provably and efficiently", ICML 2025).
+
+  With the SVD ``-G = U S V^T`` of the negative gradient (paper layout):
+  ``B = U_r S_r^(1/2) / sqrt(gamma s_1)``, ``A = S_r^(1/2) V_r^T / sqrt(gamma s_1)``,
+  so ``BA = (-G)_r / (gamma s_1)``: one best rank-r gradient step, normalized by
+  the top singular value s_1. Ours: ``a = left_r S_r^(1/2) / sqrt(gamma s_1)``,
+  ``b = S_r^(1/2) right^T_r / sqrt(gamma s_1)`` from the SVD of ``-grad``.
+  """
+  del key, w0, scale, alpha
+  left, sigma, right_t = linalg.svd_topk(-grad.astype(jnp.float32), rank)
+  root = jnp.sqrt(sigma / (gamma * sigma[0]))
+  return left * root[None, :], root[:, None] * right_t
+
+
+def gora_init(key: Array, w0: Array, grad: Array, rank: int, scale: float, alpha: float,
+              gamma: float) -> tuple[Array, Array]:
+  """GoRA's 'compress' init (He et al., "GoRA: Gradient-driven Adaptive Low Rank
+  Adaptation", 2025).
+
+  Paper layout: A random, ``B = -(gamma/alpha) G A^T (A A^T)^{-1}``, so
+  ``s B A = -(s gamma/alpha) G A^T (A A^T)^{-1} A``, the least-squares
+  projection of a gradient step onto the row space of A. Ours (``a = A^T``,
+  ``b = B^T``): ``b = -(gamma/alpha) (a^T a)^{-1} a^T grad``, with A drawn as
+  PEFT's default LoRA A and the official code's 1e-8 ridge on ``a^T a``.
+  The official code multiplies by +gamma/alpha; we follow the paper's sign
+  (a descent step).
+  """
+  del w0, scale
+  fan_in, _ = grad.shape
+  a = _kaiming_uniform_a(key, fan_in, rank)
+  gram = a.T @ a + 1e-8 * jnp.eye(rank, dtype=jnp.float32)
+  b = -(gamma / alpha) * jnp.linalg.solve(gram, a.T @ grad.astype(jnp.float32))
+  return a, b
+
+
+# Gradient inits: name -> (function, default gamma, W0 compensated by default).
+GRADIENT_INITS = {
+    "lora_ga": (lora_ga_init, 16.0, True),
+    "lora_one": (lora_one_init, 64.0, False),
+    "gora": (gora_init, 0.02, False),
+}
+
+
+def needs_grad(init: str) -> bool:
+  """Whether ``init`` reads the calibration gradient."""
+  return init in GRADIENT_INITS
+
+
+def gradient_rank_limit(init: str, fan_in: int, fan_out: int) -> int:
+  """The largest rank a gradient init can take (LoRA-GA uses 2r singular vectors)."""
+  limit = min(fan_in, fan_out)
+  return limit // 2 if init == "lora_ga" else limit
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+def gradient_factors(init: str, key: Array, w0: Array, grad: Array, rank: int, scale: float,
+                     alpha: float, gamma: float | None, compensate: bool | None) -> LoRAFactors:
+  """Dispatch to the gradient init ``init``; ``gamma``/``compensate`` None take its defaults."""
+  fn, default_gamma, default_compensate = GRADIENT_INITS[init]
+  a, b = fn(key, w0, grad, rank, scale, alpha, default_gamma if gamma is None else gamma)
+  compensate = default_compensate if compensate is None else compensate
+  w0 = w0.astype(jnp.float32)
+  return LoRAFactors(a, b, w0 - scale * (a @ b) if compensate else None)
+
+
 _SIMPLE_INITS = {
     "default": default_init,
     "gaussian": gaussian_init,
@@ -122,7 +214,7 @@ _SIMPLE_INITS = {
 }
 WEIGHT_AWARE = frozenset({"pissa", "milora", "olora"})
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
-INIT_NAMES = tuple(sorted(_SIMPLE_INITS)) + ("pissa_niter_<k>",)
+INIT_NAMES = tuple(sorted(_SIMPLE_INITS)) + ("pissa_niter_<k>",) + tuple(sorted(GRADIENT_INITS))
 
 
 def is_weight_aware(init: str) -> bool:
@@ -131,7 +223,7 @@ def is_weight_aware(init: str) -> bool:
 
 
 def check_init(init: str) -> None:
-  if init not in _SIMPLE_INITS and _PISSA_NITER.fullmatch(init) is None:
+  if init not in _SIMPLE_INITS and init not in GRADIENT_INITS and _PISSA_NITER.fullmatch(init) is None:
     raise ValueError(f"Unknown LoRA init {init!r}; known inits: {list(INIT_NAMES)}.")
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lowrank_jax import calibrate
 from lowrank_jax.adapters import base as adapter_base
 from lowrank_jax.adapters import init as lora_init
 from lowrank_jax.adapters import layers
@@ -48,7 +49,13 @@ class LoRASpec(adapter_base.AdapterSpec):
     alpha: scaling numerator; None means alpha = r (scale 1 for plain LoRA).
     rslora: use ``alpha / sqrt(r)`` instead of ``alpha / r``.
     init: 'default' (PEFT: kaiming-uniform A, zero B), 'gaussian', 'pissa',
-      'pissa_niter_<k>', 'milora', 'olora'.
+      'pissa_niter_<k>', 'milora', 'olora', or a gradient init that reads the
+      calibration gradient: 'lora_ga', 'lora_one', 'gora'.
+    init_gamma: gamma of the gradient inits (None: the init's default, see
+      `lowrank_jax.adapters.init.GRADIENT_INITS`).
+    compensate: for gradient inits, store ``W0 - s A B`` in the frozen base so
+      the layer starts at the base function (None: the paper's default,
+      True for LoRA-GA, False for LoRA-One and GoRA).
     dropout: dropout rate on the adapter input, in [0, 1).
     use_bias: add a trainable bias on the adapter path (PEFT's lora_bias).
     param_dtype: dtype of the adapter parameters; None uses the base kernel's.
@@ -62,6 +69,8 @@ class LoRASpec(adapter_base.AdapterSpec):
   dropout: float = 0.0
   use_bias: bool = False
   param_dtype: Any = None
+  init_gamma: float | None = None
+  compensate: bool | None = None
 
   def __post_init__(self):
     if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
@@ -71,6 +80,12 @@ class LoRASpec(adapter_base.AdapterSpec):
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"{self.name}: dropout must be in [0, 1), got {self.dropout!r}.")
     lora_init.check_init(self.init)
+    if self.init_gamma is not None and not self.init_gamma > 0:
+      raise ValueError(f"{self.name}: init_gamma must be > 0 (or None), got {self.init_gamma!r}.")
+    if not lora_init.needs_grad(self.init) and (self.init_gamma is not None
+                                                 or self.compensate is not None):
+      raise ValueError(f"{self.name}: init_gamma and compensate apply to the gradient inits "
+                       f"{sorted(lora_init.GRADIENT_INITS)}, not to init={self.init!r}.")
 
   @property
   def scale(self) -> float:
@@ -84,6 +99,12 @@ class LoRASpec(adapter_base.AdapterSpec):
           f"{self.name} at '{path}': rank={self.rank} exceeds min(fan_in, fan_out) = "
           f"min({view.fan_in}, {view.fan_out}) = {limit}, the largest rank init={self.init!r} "
           "can take from the weight's decomposition.")
+    if lora_init.needs_grad(self.init):
+      grad_limit = lora_init.gradient_rank_limit(self.init, view.fan_in, view.fan_out)
+      if self.rank > grad_limit:
+        raise ValueError(
+            f"{self.name} at '{path}': rank={self.rank} exceeds {grad_limit}, the largest rank "
+            f"init={self.init!r} can take on a ({view.fan_in}, {view.fan_out}) layer.")
     if self.use_bias and view.kind == "einsum":
       raise ValueError(f"{self.name} at '{path}': use_bias is not supported on nnx.Einsum layers.")
 
@@ -92,11 +113,22 @@ class LoRASpec(adapter_base.AdapterSpec):
     """The adapter module this spec builds (subclass specs return their own)."""
     return LoRA
 
+  def calibration_grad(self, calibration, view: layers.LayerView, path: str) -> Array | None:
+    """The site's calibration gradient for gradient inits (None for the others)."""
+    if not lora_init.needs_grad(self.init):
+      return None
+    grad = calibrate.site_stats(calibration, path, f"{self.name} init={self.init!r}", "grad")
+    if tuple(grad.shape) != (view.fan_in, view.fan_out):
+      raise ValueError(
+          f"{self.name} at '{path}': the calibration gradient has shape {tuple(grad.shape)}, the "
+          f"layer is ({view.fan_in}, {view.fan_out}); were the statistics collected on another model?")
+    return grad
+
   def build(self, base, *, rngs, calibration=None, path=""):
-    del calibration
     view = layers.view_of(base, path)
     self.validate(view, path)
-    return self.adapter_type(base, self, view, path, rngs=rngs)
+    grad = self.calibration_grad(calibration, view, path)
+    return self.adapter_type(base, self, view, path, rngs=rngs, grad=grad)
 
   def num_params(self, fan_in: int, fan_out: int) -> int:
     return self.rank * (fan_in + fan_out) + (fan_out if self.use_bias else 0)
@@ -110,10 +142,15 @@ class LoRA(adapter_base.Adapter):
   """
 
   def __init__(self, base: nnx.Module, spec: LoRASpec, view: layers.LayerView, path: str = "",
-               *, rngs: nnx.Rngs):
+               *, rngs: nnx.Rngs, grad: Array | None = None):
     super().__init__(base, spec, view, path)
     w0 = view.to_matrix(base.kernel[...]).astype(jnp.float32)
-    factors = lora_init.lora_factors(spec.init, rngs.params(), w0, spec.rank, spec.scale)
+    if lora_init.needs_grad(spec.init):
+      alpha = spec.rank if spec.alpha is None else spec.alpha
+      factors = lora_init.gradient_factors(spec.init, rngs.params(), w0, grad, spec.rank,
+                                           spec.scale, alpha, spec.init_gamma, spec.compensate)
+    else:
+      factors = lora_init.lora_factors(spec.init, rngs.params(), w0, spec.rank, spec.scale)
     if factors.residual is not None:
       base.kernel[...] = view.from_matrix(factors.residual).astype(base.kernel.dtype)
     dtype = spec.param_dtype or base.kernel.dtype

@@ -31,3 +31,6 @@ from lowrank_jax.optim.orthogonal import scale_by_mars_m
 from lowrank_jax.optim.orthogonal import scale_by_muon
 from lowrank_jax.optim.weight_decay import cautious_adamw
 from lowrank_jax.optim.weight_decay import cautious_weight_decay
+from lowrank_jax.optim import riemannian
+from lowrank_jax.optim.riemannian import stiefel
+from lowrank_jax.optim import lora
