@@ -294,3 +294,26 @@ def test_adapter_params_from_another_model():
   renamed = {"params/other": adapter_params["params/layer"]}
   with pytest.raises(functional.AdapterTreeError, match=r"first differing path expected 'params/layer/lora_a'"):
     adapted(renamed, variables, x)
+
+
+def test_linen_vit_twin_matches_nnx_vit_with_adapters():
+  from lowrank_jax.models import vit, vit_linen  # pylint: disable=g-import-not-at-top
+  config = vit.ViTConfig(dim=16, depth=2, heads=2, mlp_dim=32)
+  model = vit.ViT(config, rngs=nnx.Rngs(0))
+  variables = vit_linen.variables_from_nnx(model)
+  linen = vit_linen.ViT(config)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  np.testing.assert_array_equal(linen.apply(variables, x), model(x))
+  spec = lrj.adapters.dora(rank=2)
+  lrj.attach(model, [(r"blocks/\d+/(attn/query|mlp/up)", spec)], rngs=nnx.Rngs(2))
+  adapted, adapter_params = functional.adapt(
+      linen.apply, variables, [(r"params/blocks_\d+/(attn/query|mlp/up)", spec)],
+      key=jax.random.key(3))
+  trained = _randomized(adapter_params, 4)
+  state = nnx.state(model, lrj.AdapterParam)
+  nnx.replace_by_pure_dict(state, {"blocks": {
+      i: {"attn": {"query": trained[f"params/blocks_{i}/attn/query"]},
+          "mlp": {"up": trained[f"params/blocks_{i}/mlp/up"]}} for i in range(config.depth)}})
+  nnx.update(model, state)
+  # Both eager: jit may fuse differently on either side, beyond 1e-6 after two blocks.
+  np.testing.assert_allclose(adapted(trained, variables, x), model(x), **TOL)
