@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ from absl import flags
 from flax import nnx
 
 import lowrank_jax as lrj
+from benchmarks.timing import median_seconds
 from lowrank_jax.adapters import init as lora_init
 
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per step (rows of x).")
@@ -35,20 +34,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed repetitions (median report
 _SVD_DIM = flags.DEFINE_integer("svd_dim", 4096, "Kernel size for the PiSSA init timing.")
 _SVD_RANK = flags.DEFINE_integer("svd_rank", 16, "Rank for the PiSSA init timing.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/adapter_overhead.json", "JSON output path.")
-
-
-def median_seconds(calls, repeats: int) -> list[float]:
-  """Median time of each ``(fn, args)``, timed in alternation so drift hits all alike."""
-  for fn, args in calls:  # compile and warm up
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-  times = [[] for _ in calls]
-  for _ in range(repeats):
-    for i, (fn, args) in enumerate(calls):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[i].append(time.perf_counter() - start)
-  return [statistics.median(t) for t in times]
 
 
 def dense_step_fn(d: int):

@@ -1,6 +1,7 @@
 """lowrank_jax: low-rank adaptation, reparameterized training and low-rank optimizers for JAX."""
 
 from lowrank_jax import adapters
+from lowrank_jax import functional
 from lowrank_jax import linalg
 from lowrank_jax.adapters.base import AdapterBuffer
 from lowrank_jax.adapters.base import AdapterParam

@@ -1,0 +1,319 @@
+"""lrj.functional: every registered adapter on Linen models and plain functions.
+
+Each method is checked against lrj.attach on the equivalent NNX model (same
+weights, same key): the same adapter parameters at init and the same outputs
+after randomizing them, through Linen interception (unmerged) and through a
+plain function (merged kernel substituted). A method added to the registry is
+checked here with no new test code.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lowrank_jax as lrj
+from lowrank_jax import functional
+
+# kind: (NNX layer, Linen twin, input shape); the same layers as the adapter contract suite.
+KINDS = {
+    "linear": (lambda rngs: nnx.Linear(12, 10, rngs=rngs), lambda: nn.Dense(10, name="layer"),
+               (3, 12)),
+    "linear_general": (
+        lambda rngs: nnx.LinearGeneral((3, 4), (2, 5), axis=(-2, -1), rngs=rngs),
+        lambda: nn.DenseGeneral((2, 5), axis=(-2, -1), name="layer"), (3, 3, 4)),
+    "einsum": (lambda rngs: nnx.Einsum("btd,dnh->btnh", (12, 2, 5), (2, 5), rngs=rngs),
+               lambda: nn.Einsum((12, 2, 5), "btd,dnh->btnh", name="layer"), (2, 3, 12)),
+    "conv": (lambda rngs: nnx.Conv(2, 9, kernel_size=(2, 2), rngs=rngs),
+             lambda: nn.Conv(9, (2, 2), name="layer"), (2, 5, 5, 2)),
+}
+NAMES = lrj.adapters.names()
+CASES = [(name, kind) for name in NAMES for kind in KINDS]
+IDS = [f"{name}-{kind}" for name, kind in CASES]
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+class Host(nnx.Module):
+
+  def __init__(self, layer):
+    self.layer = layer
+
+  def __call__(self, x):
+    return self.layer(x)
+
+
+class LinenHost(nn.Module):
+  make: object
+
+  @nn.compact
+  def __call__(self, x):
+    return self.make()(x)
+
+
+def _seed(*parts):
+  return sum(map(ord, "".join(parts))) * 7919 % (2**31)
+
+
+def _models(kind, seed):
+  """An NNX host and its Linen twin holding the same random kernel and bias."""
+  make_nnx, make_linen, x_shape = KINDS[kind]
+  model = Host(make_nnx(nnx.Rngs(seed)))
+  model.layer.bias[...] = jax.random.normal(jax.random.key(seed + 1), model.layer.bias.shape)
+  x = jax.random.normal(jax.random.key(seed + 2), x_shape)
+  linen = LinenHost(make_linen)
+  variables = linen.init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map(lambda v: v, variables)
+  layer = dict(variables["params"]["layer"])
+  assert layer["kernel"].shape == model.layer.kernel.shape
+  assert layer["bias"].size == model.layer.bias.size
+  layer["kernel"] = model.layer.kernel[...]
+  layer["bias"] = model.layer.bias[...].reshape(layer["bias"].shape)
+  return model, linen, {"params": {"layer": layer}}, x
+
+
+def _plain(seed):
+  """A plain function of a params dict and the NNX Linear computing the same."""
+  model = Host(nnx.Linear(12, 10, rngs=nnx.Rngs(seed)))
+  model.layer.bias[...] = jax.random.normal(jax.random.key(seed + 1), (10,))
+  params = {"w": model.layer.kernel[...], "b": model.layer.bias[...]}
+  fn = lambda p, x: x @ p["w"] + p["b"]
+  return model, fn, params, jax.random.normal(jax.random.key(seed + 2), (3, 12))
+
+
+def _randomized(tree, seed, scale=0.3):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      treedef, [l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+
+
+def _nnx_adapter_params(model):
+  return nnx.to_pure_dict(nnx.state(model, lrj.AdapterParam))["layer"]
+
+
+def _set_nnx_adapter_params(model, values):
+  state = nnx.state(model, lrj.AdapterParam)
+  nnx.replace_by_pure_dict(state, {"layer": values})
+  nnx.update(model, state)
+
+
+def _assert_trees_close(a, b, **tol):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(x, y, **tol)
+
+
+@pytest.mark.parametrize("name,kind", CASES, ids=IDS)
+def test_linen_matches_attach(name, kind):
+  seed = _seed(name, kind)
+  model, linen, variables, x = _models(kind, seed)
+  spec = lrj.adapters.get(name)
+  key = jax.random.key(seed + 3)
+  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(key))
+  adapted, adapter_params = functional.adapt(linen.apply, variables, [("params/layer", spec)],
+                                             key=key, example_args=(x,))
+  _assert_trees_close(adapter_params["params/layer"], _nnx_adapter_params(model), rtol=0, atol=0)
+  model.eval()
+  np.testing.assert_allclose(adapted(adapter_params, variables, x), model(x), **TOL)
+  # After training-like changes of the adapter params: same outputs, unmerged and merged.
+  trained = _randomized(adapter_params, seed + 4)
+  _set_nnx_adapter_params(model, trained["params/layer"])
+  y = jax.jit(adapted)(trained, variables, x)
+  np.testing.assert_allclose(y, model(x), **TOL)
+  merged = adapted.merge(trained, variables)
+  lrj.merge(model)
+  np.testing.assert_allclose(merged["params"]["layer"]["kernel"], model.layer.kernel[...], **TOL)
+  np.testing.assert_allclose(linen.apply(merged, x), y, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_function_matches_attach(name):
+  seed = _seed(name, "plain")
+  model, fn, params, x = _plain(seed)
+  spec = lrj.adapters.get(name)
+  key = jax.random.key(seed + 3)
+  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(key))
+  adapted, adapter_params = functional.adapt(fn, params, [("w", spec)], key=key)
+  _assert_trees_close(adapter_params["w"], _nnx_adapter_params(model), rtol=0, atol=0)
+  model.eval()
+  trained = _randomized(adapter_params, seed + 4)
+  _set_nnx_adapter_params(model, trained["w"])
+  np.testing.assert_allclose(jax.jit(adapted)(trained, params, x), model(x), **TOL)
+  vmapped = jax.vmap(adapted, in_axes=(None, None, 0))(trained, params, x[:, None])
+  np.testing.assert_allclose(vmapped[:, 0], model(x), **TOL)
+
+
+@pytest.mark.parametrize("name,kind", CASES, ids=IDS)
+def test_identity_at_init_and_merge(name, kind):
+  seed = _seed(name, kind, "merge")
+  _, linen, variables, x = _models(kind, seed)
+  rules = [("params/layer", lrj.adapters.get(name))]
+  key = jax.random.key(seed)
+  adapted, adapter_params = functional.adapt(linen.apply, variables, rules, key=key,
+                                             example_args=(x,))
+  spec_type = type(adapted.adapter("params/layer", adapter_params, adapted.frozen,
+                                   dict(functional._flat(variables))))
+  if spec_type.identity_at_init:
+    np.testing.assert_allclose(adapted(adapter_params, variables, x), linen.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+  trained = _randomized(adapter_params, seed + 1)
+  y = adapted(trained, variables, x)
+  merged = functional.merge(variables, trained, rules, key=key, apply_fn=linen.apply,
+                            example_args=(x,))
+  assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(variables)
+  np.testing.assert_allclose(linen.apply(merged, x), y, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizer_on_adapter_params_lowers_loss_without_recompiles(name):
+  seed = _seed(name, "train")
+  _, linen, variables, x = _models("linear", seed)
+  target = linen.apply(variables, x) + 0.5 * jax.random.normal(jax.random.key(seed), (3, 10))
+  adapted, adapter_params = functional.adapt(
+      linen.apply, variables, [("params/layer", lrj.adapters.get(name))], key=jax.random.key(1))
+  tx = optax.adam(3e-2)
+  opt_state = tx.init(adapter_params)
+  traces = []
+
+  @jax.jit
+  def step(adapter_params, opt_state, variables, x):
+    traces.append(None)
+    loss_fn = lambda ap: jnp.mean((adapted(ap, variables, x) - target) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(adapter_params)
+    updates, opt_state = tx.update(grads, opt_state, adapter_params)
+    return optax.apply_updates(adapter_params, updates), opt_state, loss
+
+  losses = []
+  for _ in range(8):
+    adapter_params, opt_state, loss = step(adapter_params, opt_state, variables, x)
+    losses.append(float(loss))
+  assert losses[-1] < 0.9 * losses[0], losses
+  assert len(traces) == 1
+
+
+def test_linen_dense_without_example_args_and_nested_paths():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(6, name="query")(x)
+      return nn.Dense(4, name="out")(jax.nn.gelu(h))
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return Block(name="block_0")(Block(name="block_1")(x))
+
+  x = jax.random.normal(jax.random.key(0), (2, 4))
+  net = Net()
+  variables = net.init(jax.random.key(1), x)
+  rules = [(r"params/block_\d/query", lrj.adapters.lora(rank=2)), (".*", None)]
+  adapted, adapter_params = functional.adapt(net.apply, variables, rules, key=jax.random.key(2))
+  assert sorted(adapter_params) == ["params/block_0/query", "params/block_1/query"]
+  np.testing.assert_allclose(adapted(adapter_params, variables, x), net.apply(variables, x),
+                             rtol=1e-6, atol=1e-6)
+  trained = _randomized(adapter_params, 3)
+  np.testing.assert_allclose(adapted(trained, variables, x),
+                             net.apply(adapted.merge(trained, variables), x), rtol=2e-5, atol=2e-5)
+
+
+def test_weight_aware_init_keeps_function_and_holds_residual():
+  _, linen, variables, x = _models("linear", 5)
+  adapted, adapter_params = functional.adapt(
+      linen.apply, variables, [("params/layer", lrj.adapters.lora(rank=3, init="pissa"))],
+      key=jax.random.key(0))
+  residual = adapted.frozen["params/layer"]["residual"]
+  kernel = variables["params"]["layer"]["kernel"]
+  a, b = adapter_params["params/layer"]["lora_a"], adapter_params["params/layer"]["lora_b"]
+  scale = lrj.adapters.lora(rank=3).scale
+  np.testing.assert_allclose(residual + scale * a @ b, kernel, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(adapted(adapter_params, variables, x), linen.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  # frozen state passed explicitly gives the same function.
+  np.testing.assert_allclose(adapted.call(adapter_params, adapted.frozen, variables, x),
+                             adapted(adapter_params, variables, x), rtol=0, atol=0)
+
+
+def test_peft_export_matches_nnx_export(tmp_path):
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  model, linen, variables, x = _models("linear", 7)
+  spec = lrj.adapters.lora(rank=2, alpha=4)
+  key = jax.random.key(1)
+  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(key))
+  adapted, adapter_params = functional.adapt(linen.apply, variables, [("params/layer", spec)], key=key)
+  trained = _randomized(adapter_params, 2)
+  _set_nnx_adapter_params(model, trained["params/layer"])
+  from lowrank_jax.io import peft  # pylint: disable=g-import-not-at-top
+  peft.export_peft(model, str(tmp_path / "nnx"))
+  functional.export_peft(adapted, trained, variables, str(tmp_path / "functional"))
+  ours = safetensors_numpy.load_file(str(tmp_path / "functional" / peft.WEIGHTS_NAME))
+  reference = safetensors_numpy.load_file(str(tmp_path / "nnx" / peft.WEIGHTS_NAME))
+  assert sorted(ours) == sorted(reference) == ["base_model.model.layer.lora_A.weight",
+                                               "base_model.model.layer.lora_B.weight"]
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], reference[k])
+  assert ((tmp_path / "functional" / peft.CONFIG_NAME).read_text()
+          == (tmp_path / "nnx" / peft.CONFIG_NAME).read_text())
+
+
+# -- bad input --------------------------------------------------------------------------
+def test_rule_matching_nothing_lists_candidates():
+  _, linen, variables, _ = _models("linear", 1)
+  with pytest.raises(ValueError, match=r"match no params site.*params/layer"):
+    functional.adapt(linen.apply, variables, [("params/query", lrj.adapters.lora())],
+                     key=jax.random.key(0))
+
+
+def test_rule_selecting_a_non_kernel_leaf():
+  _, linen, variables, _ = _models("linear", 1)
+  with pytest.raises(ValueError, match=r"params/layer/bias.*not a 2-D-reducible kernel"):
+    functional.adapt(linen.apply, variables, [("params/layer/bias", lrj.adapters.lora())],
+                     key=jax.random.key(0))
+
+
+def test_kernel_with_more_dims_needs_example_args():
+  _, linen, variables, _ = _models("conv", 1)
+  with pytest.raises(ValueError, match=r"params/layer.*example_args"):
+    functional.adapt(linen.apply, variables, [("params/layer", lrj.adapters.lora())],
+                     key=jax.random.key(0))
+
+
+def test_adapter_params_from_another_model():
+  _, linen, variables, x = _models("linear", 1)
+  adapted, adapter_params = functional.adapt(linen.apply, variables,
+                                             [("params/layer", lrj.adapters.lora(rank=2))],
+                                             key=jax.random.key(0))
+  _, other = functional.adapt(linen.apply, variables,
+                              [("params/layer", lrj.adapters.lora(rank=3))], key=jax.random.key(0))
+  with pytest.raises(functional.AdapterTreeError, match=r"'params/layer/lora_a' has shape \(12, 3\)"):
+    adapted(other, variables, x)
+  renamed = {"params/other": adapter_params["params/layer"]}
+  with pytest.raises(functional.AdapterTreeError, match=r"first differing path expected 'params/layer/lora_a'"):
+    adapted(renamed, variables, x)
+
+
+def test_linen_vit_twin_matches_nnx_vit_with_adapters():
+  from lowrank_jax.models import vit, vit_linen  # pylint: disable=g-import-not-at-top
+  config = vit.ViTConfig(dim=16, depth=2, heads=2, mlp_dim=32)
+  model = vit.ViT(config, rngs=nnx.Rngs(0))
+  variables = vit_linen.variables_from_nnx(model)
+  linen = vit_linen.ViT(config)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  np.testing.assert_array_equal(linen.apply(variables, x), model(x))
+  spec = lrj.adapters.dora(rank=2)
+  lrj.attach(model, [(r"blocks/\d+/(attn/query|mlp/up)", spec)], rngs=nnx.Rngs(2))
+  adapted, adapter_params = functional.adapt(
+      linen.apply, variables, [(r"params/blocks_\d+/(attn/query|mlp/up)", spec)],
+      key=jax.random.key(3))
+  trained = _randomized(adapter_params, 4)
+  state = nnx.state(model, lrj.AdapterParam)
+  nnx.replace_by_pure_dict(state, {"blocks": {
+      i: {"attn": {"query": trained[f"params/blocks_{i}/attn/query"]},
+          "mlp": {"up": trained[f"params/blocks_{i}/mlp/up"]}} for i in range(config.depth)}})
+  nnx.update(model, state)
+  # Both eager: jit may fuse differently on either side, beyond 1e-6 after two blocks.
+  np.testing.assert_allclose(adapted(trained, variables, x), model(x), **TOL)
