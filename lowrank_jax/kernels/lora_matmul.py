@@ -16,8 +16,10 @@ case, costs nothing: the custom_vjp sees which inputs are perturbed). The two
 full-size products (the forward's and dx's) each fuse the rank-r term into the
 dense matmul's accumulator, so the low-rank path adds no full-size pass over
 the output. The rank-r products are plain XLA dots in both implementations;
-the (fan_in, r) weight gradient is computed as ``(v^T x)^T``, the orientation
-XLA:CPU runs several times faster than ``x^T v`` (docs/benchmarks.md).
+the (fan_in, r) weight gradient is computed as ``(v^T x)^T`` behind an
+optimization barrier, because XLA:CPU runs the (r, fan_in) orientation several
+times faster than ``x^T v`` and would otherwise fold the transpose back into
+the dot (docs/benchmarks.md, docs/kernels.md).
 
 The same core takes optional per-row weights ``m`` (tokens, r) on the rank
 axis, ``z = s (x A) * m``; `lowrank_jax.kernels.grouped_lora` builds its
@@ -162,7 +164,10 @@ def _core_bwd(scale, implementation, block_sizes, interpret, residuals, g):
   dx = _fused(g, w0, v, a, transposed=True, out_dtype=x.dtype, implementation=implementation,
               block_sizes=block_sizes, interpret=interpret)
   tokens_first = (((0,), (0,)), ((), ()))
-  da = jax.lax.dot_general(v, x, tokens_first, preferred_element_type=jnp.float32).T
+  # (r, fan_in) first, then transposed: the barrier keeps XLA from folding the
+  # transpose back into the dot, i.e. into the slow (fan_in, r) orientation.
+  da_t = jax.lax.dot_general(v, x, tokens_first, preferred_element_type=jnp.float32)
+  da = jax.lax.optimization_barrier(da_t).T
   db = jax.lax.dot_general(z, g, tokens_first, preferred_element_type=jnp.float32)
   dw0 = None
   if w0_perturbed:
