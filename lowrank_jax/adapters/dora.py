@@ -96,6 +96,14 @@ class DoRA(lora.LoRA):
     if self.spec.detach_norm:
       norm = jax.lax.stop_gradient(norm)
     gain = self.magnitude[...].astype(jnp.float32) / norm
+    if self.uses_kernel:
+      if kwargs:
+        raise TypeError(f"dora at '{self.path}': the fused kernel takes no call arguments; "
+                        f"got {sorted(kwargs)}.")
+      fused = self.fused_output(x)
+      y = self.view.broadcast_out(gain, fused.ndim) * fused.astype(jnp.float32)
+      bias = self.view.bias(self.base, y.ndim)
+      return (y if bias is None else y + bias).astype(fused.dtype)
     x_adapter = self.adapter_input(x)
     low_rank = self.low_rank_output(x_adapter, **kwargs)
     if x_adapter is x:

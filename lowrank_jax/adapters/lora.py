@@ -25,6 +25,7 @@ from lowrank_jax import calibrate
 from lowrank_jax.adapters import base as adapter_base
 from lowrank_jax.adapters import init as lora_init
 from lowrank_jax.adapters import layers
+from lowrank_jax.kernels import lora_matmul as lora_kernel
 
 Array = jax.Array
 
@@ -37,6 +38,22 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 def lora_delta(a: Array, b: Array, scale: float) -> Array:
   """The LoRA update ``s * A @ B`` in (fan_in, fan_out) layout, in float32."""
   return scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+
+
+KERNEL_IMPLEMENTATIONS = (None, "auto", "xla", "pallas")
+
+
+def fused_linear_base(base: nnx.Module, x: Array) -> tuple[Array, Array]:
+  """``x`` and the kernel of an ``nnx.Linear`` promoted as the layer's own forward does.
+
+  Raises if the layer overrides its contraction (the fused kernel would bypass it).
+  """
+  if base.dot_general is not jax.lax.dot_general or base.preferred_element_type is not None:
+    raise ValueError(
+        "the fused LoRA kernel reproduces nnx.Linear's default contraction only; this layer sets "
+        "a custom dot_general or preferred_element_type. Use implementation=None.")
+  x, kernel, _ = base.promote_dtype((x, base.kernel[...], None), dtype=base.dtype)
+  return x, kernel
 
 
 @adapter_base.register
@@ -59,6 +76,12 @@ class LoRASpec(adapter_base.AdapterSpec):
     dropout: dropout rate on the adapter input, in [0, 1).
     use_bias: add a trainable bias on the adapter path (PEFT's lora_bias).
     param_dtype: dtype of the adapter parameters; None uses the base kernel's.
+    implementation: None computes the forward through the layer view (any
+      layer kind, autodiff backward); on ``nnx.Linear`` layers without
+      dropout, 'auto', 'xla' or 'pallas' use the fused kernel
+      `lowrank_jax.kernels.lora_matmul` with its hand-written backward ('auto'
+      lets the kernel dispatcher choose: Pallas on TPU, XLA elsewhere).
+    interpret: run the Pallas kernel in the interpreter (tests on CPU).
   """
 
   name = "lora"
@@ -71,6 +94,8 @@ class LoRASpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
   init_gamma: float | None = None
   compensate: bool | None = None
+  implementation: str | None = None
+  interpret: bool = False
 
   def __post_init__(self):
     if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
@@ -86,6 +111,9 @@ class LoRASpec(adapter_base.AdapterSpec):
                                                  or self.compensate is not None):
       raise ValueError(f"{self.name}: init_gamma and compensate apply to the gradient inits "
                        f"{sorted(lora_init.GRADIENT_INITS)}, not to init={self.init!r}.")
+    if self.implementation not in KERNEL_IMPLEMENTATIONS:
+      raise ValueError(f"{self.name}: implementation must be one of {KERNEL_IMPLEMENTATIONS}, "
+                       f"got {self.implementation!r}.")
 
   @property
   def scale(self) -> float:
@@ -107,6 +135,15 @@ class LoRASpec(adapter_base.AdapterSpec):
             f"init={self.init!r} can take on a ({view.fan_in}, {view.fan_out}) layer.")
     if self.use_bias and view.kind == "einsum":
       raise ValueError(f"{self.name} at '{path}': use_bias is not supported on nnx.Einsum layers.")
+    if self.implementation is not None:
+      if view.kind != "linear":
+        raise ValueError(
+            f"{self.name} at '{path}': implementation={self.implementation!r} (the fused kernel) "
+            f"supports nnx.Linear layers; this one is {view.kind!r}. Use implementation=None.")
+      if self.dropout > 0:
+        raise ValueError(
+            f"{self.name} at '{path}': implementation={self.implementation!r} needs dropout=0 "
+            f"(the fused kernel reads one input); got dropout={self.dropout}.")
 
   @property
   def adapter_type(self) -> type["LoRA"]:
@@ -183,9 +220,30 @@ class LoRA(adapter_base.Adapter):
       return None
     return self.view.broadcast_out(self.lora_bias[...].reshape(-1), ndim)
 
+  @property
+  def uses_kernel(self) -> bool:
+    return self.spec.implementation is not None
+
+  def fused_output(self, x: Array) -> Array:
+    """``x W0 + s (x A) B`` without any bias, by `lowrank_jax.kernels.lora_matmul`."""
+    x, kernel = fused_linear_base(self.base, x)
+    impl = self.spec.implementation
+    return lora_kernel.lora_matmul(
+        x, kernel, self.lora_a[...].astype(kernel.dtype), self.lora_b[...].astype(kernel.dtype),
+        scale=self.scale, implementation=None if impl == "auto" else impl,
+        interpret=self.spec.interpret)
+
   def adapter_forward(self, x: Array, **kwargs) -> Array:
-    y = self.base(x, **kwargs)
-    y = y + self.low_rank_output(self.adapter_input(x), **kwargs).astype(y.dtype)
+    if self.uses_kernel:
+      if kwargs:
+        raise TypeError(f"lora at '{self.path}': the fused kernel takes no call arguments; "
+                        f"got {sorted(kwargs)}.")
+      y = self.fused_output(x)
+      base_bias = self.view.bias(self.base, y.ndim)
+      y = y if base_bias is None else y + base_bias.astype(y.dtype)
+    else:
+      y = self.base(x, **kwargs)
+      y = y + self.low_rank_output(self.adapter_input(x), **kwargs).astype(y.dtype)
     bias = self.adapter_bias(y.ndim)
     return y if bias is None else y + bias.astype(y.dtype)
 
