@@ -293,13 +293,12 @@ class Projector:
     gt = g if plan.side == "left" else g.T  # (dim, other): P spans its columns
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), leaf_index), count)
 
-    def top_singular(gt):
-      u, _, _ = linalg.svd_topk(gt, plan.rank)
-      return u
-
     def fresh():
       if self.strategy in ("svd", "online_pca"):
-        new = top_singular(gt)
+        # The SVD of g itself (not of its transpose), so that the signs are those of
+        # optax.contrib.galore and the official GaLore code on both sides.
+        u, _, vt = linalg.svd_topk(g, plan.rank)
+        new = u if plan.side == "left" else vt.T
       elif self.strategy == "randomized":
         new, _, _ = linalg.randomized_svd(gt, plan.rank, key=key, niter=self.niter,
                                           oversample=self.oversample)
