@@ -175,3 +175,28 @@ def test_weight_decay_is_decoupled_in_full_space():
   tx = galore.galore(0.1, rank=2, weight_decay=0.5)
   u, _ = tx.update(g, tx.init(params), params)
   np.testing.assert_allclose(u["w"], -0.1 * 0.5 * np.ones((6, 4)), atol=1e-7)
+
+
+def test_rank_rules_by_path_inside_nnx_optimizer():
+  """nnx.Optimizer initializes with Variables ('layer/kernel/value') and updates with arrays
+  ('layer/kernel'); rules see the same path in both."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.layer = nnx.Linear(12, 8, rngs=rngs)
+      self.head = nnx.Linear(8, 4, rngs=rngs)
+
+  model = Model(nnx.Rngs(0))
+  tx = galore.galore(0.01, rank=[("layer/kernel", 3), ("head/kernel", None)], refresh_every=2)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.ones((2, 12))
+  loss = lambda m: jnp.sum(jnp.square(m.head(m.layer(x)) - 1.0))
+  before = float(loss(model))
+  for _ in range(3):
+    optimizer.update(model, nnx.grad(loss)(model))
+  assert float(loss(model)) < before
+  projector = jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, galore.GaLoreState))
+  state = next(s for s in projector if isinstance(s, galore.GaLoreState))
+  shapes = [np.shape(p) for p in jax.tree.leaves(state.projector)]
+  assert shapes == [(8, 3)]  # layer/kernel (12, 8): P on the smaller side; head not projected
