@@ -159,9 +159,9 @@ def scale_by_galore(
     mats = [projector.to_matrix(pl, g) if pl.projected else None for pl, g in zip(plans, leaves)]
     new = [projector.refresh(pl, p, m, count, i) if pl.projected else None
            for i, (pl, p, m) in enumerate(zip(plans, old, mats))]
-    low = treedef.unflatten([
-        projector.project(pl, p, m).astype(g.dtype) if pl.projected else None
-        for pl, p, m, g in zip(plans, new, mats, leaves)])
+    coords = [projector.project(pl, p, m) if pl.projected else None for pl, p, m in zip(plans, new, mats)]
+    low = treedef.unflatten([s.astype(g.dtype) if pl.projected else None
+                             for pl, s, g in zip(plans, coords, leaves)])
 
     inner_state = _apply_policy(policy, inner, projector, state.inner_state, plans, old, new,
                                 treedef, low, projector.is_refresh_step(count))
@@ -171,13 +171,13 @@ def scale_by_galore(
     full_updates = treedef.flatten_up_to(full_updates)
 
     out = []
-    for pl, p, m, g, lu, fu in zip(plans, new, mats, leaves, low_updates, full_updates):
+    for pl, p, m, s, g, lu, fu in zip(plans, new, mats, coords, leaves, low_updates, full_updates):
       if not pl.projected:
         out.append(fu)
         continue
       u = scale * projector.back(pl, p, lu)
       if residual is not None:
-        rest = m.astype(jnp.float32) - projector.back(pl, p, projector.project(pl, p, m))
+        rest = m.astype(jnp.float32) - projector.back(pl, p, s)
         u = u + residual_scale * _residual_step(residual, rest, residual_density)
       out.append(projector.from_matrix(pl, u).astype(g.dtype))
     new_state = GaLoreState(
