@@ -210,7 +210,7 @@ def _apply_policy(policy, inner, projector, inner_state, plans, old, new, treede
   # rotate: S <- R S (left) / S R^T (right), R = P_new^T P_old; R * R for second moments ('nu').
   overlaps = treedef.unflatten([
       projector.overlap(pl, n, o) if pl.projected else None for pl, n, o in zip(plans, new, old)])
-  sides = treedef.unflatten([pl.side if pl.projected else None for pl in plans])
+  sides = treedef.unflatten([(pl.side, pl.low_rank_shape, pl.path) if pl.projected else None for pl in plans])
   marks = optax.tree_utils.tree_map_params(
       inner, lambda _, r, side: (r, side), inner_state, overlaps, sides,
       transform_non_params=lambda v: jax.tree.map(lambda _: None, v),
@@ -222,7 +222,12 @@ def _apply_policy(policy, inner, projector, inner_state, plans, old, new, treede
     if mark is None:
       rotated.append(leaf)
       continue
-    r, side = mark
+    r, (side, shape, param_path) = mark
+    if leaf.shape != shape:
+      raise ValueError(
+          f"policy='rotate' maps inner-state leaves shaped like the low-rank coordinates {shape} of "
+          f"{param_path!r}, but the inner optimizer keeps a leaf of shape {leaf.shape} at "
+          f"{jax.tree_util.keystr(path)} (e.g. a factored second moment); use 'keep' or 'reset'.")
     if any(getattr(key, "name", None) == "nu" for key in path):
       r = r * r
     m = leaf.astype(jnp.float32)

@@ -114,7 +114,7 @@ class LeafPlan:
     return (self.rank, self.cols) if self.side == "left" else (self.rows, self.rank)
 
 
-def _match_rules(rules, path: str, what: str):
+def _match_rules(rules, path: str):
   for pattern, value in rules:
     if re.fullmatch(pattern, path):
       return True, value
@@ -202,7 +202,7 @@ class Projector:
   def _leaf_plan(self, path: str, shape: tuple[int, ...]) -> LeafPlan:
     not_projected = LeafPlan(path, shape, 0, 0, None, "left")
     if _is_rules(self.rank):
-      matched, rank = _match_rules(self.rank, path, "rank")
+      matched, rank = _match_rules(self.rank, path)
       if not matched or rank is None:
         return not_projected
     else:
@@ -214,7 +214,7 @@ class Projector:
     else:
       row_axes = self.row_axes
       if _is_rules(row_axes):
-        _, row_axes = _match_rules(row_axes, path, "row_axes")
+        _, row_axes = _match_rules(row_axes, path)
       if row_axes is None:
         raise ValueError(
             f"Parameter {path!r} has shape {shape} (ndim {len(shape)}); projected optimizers need a "

@@ -200,3 +200,11 @@ def test_rank_rules_by_path_inside_nnx_optimizer():
   state = next(s for s in projector if isinstance(s, galore.GaLoreState))
   shapes = [np.shape(p) for p in jax.tree.leaves(state.projector)]
   assert shapes == [(8, 3)]  # layer/kernel (12, 8): P on the smaller side; head not projected
+
+
+def test_rotate_rejects_inner_state_of_another_shape():
+  tx = galore.scale_by_galore(rank=2, refresh_every=1, policy="rotate",
+                              inner=optax.scale_by_factored_rms(min_dim_size_to_factor=2))
+  params = {"w": jnp.zeros((9, 6))}
+  with pytest.raises(ValueError, match=r"rotate.*\(9, 2\).*'w'.*factored"):
+    tx.update(_grads(params, 0), tx.init(params))
