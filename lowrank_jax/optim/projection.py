@@ -247,15 +247,20 @@ class Projector:
   # --- per-leaf state and maps ----------------------------------------------
 
   def init_leaf(self, plan: LeafPlan, dtype) -> jax.Array:
-    """Zero projector state: int32 indices (r,) for dct, else P (dim, r) in ``dtype``."""
+    """Zero projector state: int32 indices (r,) for dct, else P (dim, r) in ``dtype``
+    (float32 for online_pca, whose small steps on P would vanish in bfloat16)."""
     if self.strategy == "dct":
       return jnp.zeros((plan.rank,), jnp.int32)
+    if self.strategy == "online_pca":
+      dtype = linalg.accumulation_dtype(dtype)
     return jnp.zeros((plan.dim, plan.rank), dtype)
 
   def state_bytes_leaf(self, plan: LeafPlan, itemsize: int) -> int:
-    """Bytes of `init_leaf`'s array (the formula checked by the contract tests)."""
+    """Bytes of `init_leaf`'s array for a parameter of ``itemsize`` bytes per entry."""
     if self.strategy == "dct":
       return 4 * plan.rank
+    if self.strategy == "online_pca":
+      itemsize = max(itemsize, 4)
     return plan.dim * plan.rank * itemsize
 
   def basis(self, plan: LeafPlan, state: jax.Array) -> jax.Array:
