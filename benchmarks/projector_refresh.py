@@ -91,9 +91,9 @@ def main(_):
                    "time_vs_svd": r["seconds"] / svd_seconds, "energy": r["energy"],
                    "energy_vs_best": r["energy"] / best})
   print(f"projector refresh, {dim}x{dim} gradient, rank {rank}, backend {jax.default_backend()}")
-  print(f"{'gradient':<10} {'strategy':<24} {'ms':>9} {'x svd':>7} {'energy':>7} {'/best':>6}")
+  print(f"{'gradient':<10} {'strategy':<31} {'ms':>9} {'x svd':>7} {'energy':>7} {'/best':>6}")
   for row in rows:
-    print(f"{row['gradient']:<10} {row['strategy']:<24} {1e3 * row['seconds']:9.2f} "
+    print(f"{row['gradient']:<10} {row['strategy']:<31} {1e3 * row['seconds']:9.2f} "
           f"{row['time_vs_svd']:7.3f} {row['energy']:7.4f} {row['energy_vs_best']:6.3f}")
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   with open(_OUT.value, "w") as f:
