@@ -159,9 +159,9 @@ def scale_by_galore(
     mats = [projector.to_matrix(pl, g) if pl.projected else None for pl, g in zip(plans, leaves)]
     new = [projector.refresh(pl, p, m, count, i) if pl.projected else None
            for i, (pl, p, m) in enumerate(zip(plans, old, mats))]
-    low = treedef.unflatten([
-        projector.project(pl, p, m).astype(g.dtype) if pl.projected else None
-        for pl, p, m, g in zip(plans, new, mats, leaves)])
+    coords = [projector.project(pl, p, m) if pl.projected else None for pl, p, m in zip(plans, new, mats)]
+    low = treedef.unflatten([s.astype(g.dtype) if pl.projected else None
+                             for pl, s, g in zip(plans, coords, leaves)])
 
     inner_state = _apply_policy(policy, inner, projector, state.inner_state, plans, old, new,
                                 treedef, low, projector.is_refresh_step(count))
@@ -171,13 +171,13 @@ def scale_by_galore(
     full_updates = treedef.flatten_up_to(full_updates)
 
     out = []
-    for pl, p, m, g, lu, fu in zip(plans, new, mats, leaves, low_updates, full_updates):
+    for pl, p, m, s, g, lu, fu in zip(plans, new, mats, coords, leaves, low_updates, full_updates):
       if not pl.projected:
         out.append(fu)
         continue
       u = scale * projector.back(pl, p, lu)
       if residual is not None:
-        rest = m.astype(jnp.float32) - projector.back(pl, p, projector.project(pl, p, m))
+        rest = m.astype(jnp.float32) - projector.back(pl, p, s)
         u = u + residual_scale * _residual_step(residual, rest, residual_density)
       out.append(projector.from_matrix(pl, u).astype(g.dtype))
     new_state = GaLoreState(
@@ -210,7 +210,7 @@ def _apply_policy(policy, inner, projector, inner_state, plans, old, new, treede
   # rotate: S <- R S (left) / S R^T (right), R = P_new^T P_old; R * R for second moments ('nu').
   overlaps = treedef.unflatten([
       projector.overlap(pl, n, o) if pl.projected else None for pl, n, o in zip(plans, new, old)])
-  sides = treedef.unflatten([pl.side if pl.projected else None for pl in plans])
+  sides = treedef.unflatten([(pl.side, pl.low_rank_shape, pl.path) if pl.projected else None for pl in plans])
   marks = optax.tree_utils.tree_map_params(
       inner, lambda _, r, side: (r, side), inner_state, overlaps, sides,
       transform_non_params=lambda v: jax.tree.map(lambda _: None, v),
@@ -222,7 +222,12 @@ def _apply_policy(policy, inner, projector, inner_state, plans, old, new, treede
     if mark is None:
       rotated.append(leaf)
       continue
-    r, side = mark
+    r, (side, shape, param_path) = mark
+    if leaf.shape != shape:
+      raise ValueError(
+          f"policy='rotate' maps inner-state leaves shaped like the low-rank coordinates {shape} of "
+          f"{param_path!r}, but the inner optimizer keeps a leaf of shape {leaf.shape} at "
+          f"{jax.tree_util.keystr(path)} (e.g. a factored second moment); use 'keep' or 'reset'.")
     if any(getattr(key, "name", None) == "nu" for key in path):
       r = r * r
     m = leaf.astype(jnp.float32)

@@ -3,6 +3,10 @@
 Paths are the '/'-joined keys of a leaf in the parameter pytree
 ('blocks/0/attn/query/kernel'), the same strings `lrj.attach` rules match;
 NNX ``State`` trees, nested dicts, lists and NamedTuples all give such paths.
+An NNX ``Variable`` flattens to its ``value`` attribute; that trailing 'value'
+key is dropped, so a parameter has the same path whether the tree holds
+Variables (what ``nnx.Optimizer`` passes to ``init``) or plain arrays (the
+gradients it passes to ``update``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import jax
 
 
 def path_str(path) -> str:
-  """'/'-joined string of a ``jax.tree_util`` key path."""
+  """'/'-joined string of a ``jax.tree_util`` key path (a trailing ``.value`` dropped)."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
   parts = []
   for key in path:
     if isinstance(key, jax.tree_util.DictKey):

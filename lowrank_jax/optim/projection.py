@@ -114,7 +114,7 @@ class LeafPlan:
     return (self.rank, self.cols) if self.side == "left" else (self.rows, self.rank)
 
 
-def _match_rules(rules, path: str, what: str):
+def _match_rules(rules, path: str):
   for pattern, value in rules:
     if re.fullmatch(pattern, path):
       return True, value
@@ -202,7 +202,7 @@ class Projector:
   def _leaf_plan(self, path: str, shape: tuple[int, ...]) -> LeafPlan:
     not_projected = LeafPlan(path, shape, 0, 0, None, "left")
     if _is_rules(self.rank):
-      matched, rank = _match_rules(self.rank, path, "rank")
+      matched, rank = _match_rules(self.rank, path)
       if not matched or rank is None:
         return not_projected
     else:
@@ -214,7 +214,7 @@ class Projector:
     else:
       row_axes = self.row_axes
       if _is_rules(row_axes):
-        _, row_axes = _match_rules(row_axes, path, "row_axes")
+        _, row_axes = _match_rules(row_axes, path)
       if row_axes is None:
         raise ValueError(
             f"Parameter {path!r} has shape {shape} (ndim {len(shape)}); projected optimizers need a "
@@ -247,15 +247,20 @@ class Projector:
   # --- per-leaf state and maps ----------------------------------------------
 
   def init_leaf(self, plan: LeafPlan, dtype) -> jax.Array:
-    """Zero projector state: int32 indices (r,) for dct, else P (dim, r) in ``dtype``."""
+    """Zero projector state: int32 indices (r,) for dct, else P (dim, r) in ``dtype``
+    (float32 for online_pca, whose small steps on P would vanish in bfloat16)."""
     if self.strategy == "dct":
       return jnp.zeros((plan.rank,), jnp.int32)
+    if self.strategy == "online_pca":
+      dtype = linalg.accumulation_dtype(dtype)
     return jnp.zeros((plan.dim, plan.rank), dtype)
 
   def state_bytes_leaf(self, plan: LeafPlan, itemsize: int) -> int:
-    """Bytes of `init_leaf`'s array (the formula checked by the contract tests)."""
+    """Bytes of `init_leaf`'s array for a parameter of ``itemsize`` bytes per entry."""
     if self.strategy == "dct":
       return 4 * plan.rank
+    if self.strategy == "online_pca":
+      itemsize = max(itemsize, 4)
     return plan.dim * plan.rank * itemsize
 
   def basis(self, plan: LeafPlan, state: jax.Array) -> jax.Array:
@@ -293,13 +298,12 @@ class Projector:
     gt = g if plan.side == "left" else g.T  # (dim, other): P spans its columns
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), leaf_index), count)
 
-    def top_singular(gt):
-      u, _, _ = linalg.svd_topk(gt, plan.rank)
-      return u
-
     def fresh():
       if self.strategy in ("svd", "online_pca"):
-        new = top_singular(gt)
+        # The SVD of g itself (not of its transpose), so that the signs are those of
+        # optax.contrib.galore and the official GaLore code on both sides.
+        u, _, vt = linalg.svd_topk(g, plan.rank)
+        new = u if plan.side == "left" else vt.T
       elif self.strategy == "randomized":
         new, _, _ = linalg.randomized_svd(gt, plan.rank, key=key, niter=self.niter,
                                           oversample=self.oversample)
