@@ -71,10 +71,13 @@ class Adapter(nnx.Module):
     ``identity_at_init``: the adapted layer equals the base at initialization.
     ``additive``: the merged kernel is ``W0 + delta`` with delta independent of
       W0, so merging can be undone by subtraction (`lrj.unmerge`).
+    ``mergeable``: the adapted layer is a plain layer with another kernel
+      (False for nonlinear bottlenecks, whose `merge` raises).
   """
 
   identity_at_init: ClassVar[bool] = True
   additive: ClassVar[bool] = True
+  mergeable: ClassVar[bool] = True
 
   def __init__(self, base: nnx.Module, spec: AdapterSpec, view: layers.LayerView,
                path: str = ""):
