@@ -19,3 +19,15 @@ from lowrank_jax.optim.orthogonal import scale_by_mars_m
 from lowrank_jax.optim.orthogonal import scale_by_muon
 from lowrank_jax.optim.weight_decay import cautious_adamw
 from lowrank_jax.optim.weight_decay import cautious_weight_decay
+from lowrank_jax.optim import labels
+from lowrank_jax.optim import projection
+from lowrank_jax.optim import galore
+from lowrank_jax.optim import frugal
+from lowrank_jax.optim.galore import flora
+from lowrank_jax.optim.galore import galore_dct
+from lowrank_jax.optim.galore import galore_plus
+from lowrank_jax.optim.galore import online_subspace_descent
+from lowrank_jax.optim.galore import scale_by_galore
+from lowrank_jax.optim.frugal import scale_by_frugal
+from lowrank_jax.optim.labels import label_by_path
+from lowrank_jax.optim.labels import mask_by_ndim

@@ -8,7 +8,13 @@ parameters of the shared test matrix (tests/optim/contract_test.py), e.g. a
 rank below their dims. ``params`` names the kind of parameters the transform
 applies to in that matrix: 'dense' (plain matrices and vectors) or 'lora'
 (adapter sites holding ``lora_a`` (fan_in, r) and ``lora_b`` (r, fan_out)
-leaves, for pair-aware LoRA optimizers).
+leaves, for pair-aware LoRA optimizers). ``example`` may also hold a
+``learning_rate`` that replaces the matrix's default one.
+
+``state_bytes(params, **example)``, if given, is the method's closed-form
+optimizer-state size in bytes for ``params`` (a pytree of arrays or
+``jax.ShapeDtypeStruct``) under the hyperparameters ``example``; the contract
+tests compare it with the bytes of the real state pytree.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ class Entry(NamedTuple):
   factory: Factory
   example: dict[str, Any]
   params: str
+  state_bytes: Callable[..., int] | None = None
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
 def register(name: str, *, example: dict[str, Any] | None = None,
-             params: str = "dense") -> Callable[[Factory], Factory]:
+             params: str = "dense",
+             state_bytes: Callable[..., int] | None = None) -> Callable[[Factory], Factory]:
   """Decorator registering an optimizer factory under ``name``."""
   if params not in ("dense", "lora"):
     raise ValueError(f"register({name!r}): params must be 'dense' or 'lora', got {params!r}.")
@@ -39,7 +47,7 @@ def register(name: str, *, example: dict[str, Any] | None = None,
   def decorate(factory: Factory) -> Factory:
     if name in _REGISTRY and _REGISTRY[name].factory is not factory:
       raise ValueError(f"Optimizer name {name!r} is already registered by {_REGISTRY[name].factory}.")
-    _REGISTRY[name] = Entry(factory, dict(example or {}), params)
+    _REGISTRY[name] = Entry(factory, dict(example or {}), params, state_bytes)
     return factory
 
   return decorate

@@ -1,0 +1,82 @@
+"""Parameter labels and masks by path or shape, for ``optax.partition`` and ``optax.masked``.
+
+Paths are the '/'-joined keys of a leaf in the parameter pytree
+('blocks/0/attn/query/kernel'), the same strings `lrj.attach` rules match;
+NNX ``State`` trees, nested dicts, lists and NamedTuples all give such paths.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+
+
+def path_str(path) -> str:
+  """'/'-joined string of a ``jax.tree_util`` key path."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def leaf_paths(tree) -> list[str]:
+  """The '/'-joined paths of the leaves of ``tree``, in flattening order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def label_by_path(rules: Sequence[tuple[str, Any]]) -> Callable[[Any], Any]:
+  """A function ``params -> labels`` for ``optax.partition``.
+
+  Args:
+    rules: ordered ``(regex, label)`` pairs; each leaf path is matched with
+      ``re.fullmatch`` and takes the label of the first matching rule.
+
+  Returns:
+    A function mapping a parameter pytree to a pytree of labels of the same
+    structure.
+
+  Raises (when the function is called):
+    ValueError: a leaf no rule matches (its path and the rules are named), or a
+      rule that matches no leaf (the leaf paths are listed).
+  """
+  rules = tuple(rules)
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ValueError(f"label_by_path rules must be (regex, label) pairs, got {rule!r}.")
+    re.compile(rule[0])
+
+  def labels(params):
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [path_str(p) for p, _ in paths_leaves]
+    out = []
+    for path in paths:
+      for pattern, label in rules:
+        if re.fullmatch(pattern, path):
+          out.append(label)
+          break
+      else:
+        raise ValueError(f"No label rule matches parameter {path!r}; rules: {[r[0] for r in rules]}.")
+    for pattern, _ in rules:
+      if not any(re.fullmatch(pattern, p) for p in paths):
+        raise ValueError(f"Label rule {pattern!r} matches no parameter; parameter paths: {paths}.")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  return labels
+
+
+def mask_by_ndim(min_ndim: int = 2) -> Callable[[Any], Any]:
+  """A function ``params -> bool tree`` (for ``optax.masked``): True where ``ndim >= min_ndim``."""
+  if not isinstance(min_ndim, int) or min_ndim < 0:
+    raise ValueError(f"min_ndim must be an int >= 0, got {min_ndim!r}.")
+  return lambda params: jax.tree.map(lambda p: jax.numpy.ndim(p) >= min_ndim, params)
