@@ -98,11 +98,16 @@ def formulas(params, dion_rank: float) -> dict[str, tuple[optax.GradientTransfor
 
 
 def projected_entries(params, rank: int):
-  """GaLore / FRUGAL / Flora when lowrank_jax.optim.projection is present."""
+  """GaLore / FRUGAL / Flora (rank r) when lowrank_jax.optim.projection is present:
+  name -> (transform, the registry's closed-form bytes)."""
   names = ("galore", "frugal", "flora")
   available = [n for n in names if n in lo.names()]
-  return {n: lo.get(n, learning_rate=1e-3, rank=rank) for n in available}, [
-      n for n in names if n not in available]
+  entries = {}
+  for name in available:
+    formula = lo.registry.entry(name).state_bytes
+    entries[name] = (lo.get(name, learning_rate=1e-3, rank=rank),
+                     formula(params, rank=rank) if formula is not None else None)
+  return entries, [n for n in names if n not in available]
 
 
 def main(argv):
@@ -117,9 +122,12 @@ def main(argv):
       raise AssertionError(f"{name}: state bytes {measured} != formula {formula} ({words}).")
     rows[name] = {"bytes": measured, "formula_bytes": formula, "formula": words}
   projected, missing = projected_entries(params, _GALORE_RANK.value)
-  for name, tx in projected.items():
-    rows[name] = {"bytes": state_bytes(tx, params), "formula_bytes": None,
-                  "formula": "see lowrank_jax.optim.projection"}
+  for name, (tx, formula) in projected.items():
+    measured = state_bytes(tx, params)
+    if formula is not None and measured != formula:
+      raise AssertionError(f"{name}: state bytes {measured} != its registered formula {formula}.")
+    rows[name] = {"bytes": measured, "formula_bytes": formula,
+                  "formula": f"registry state_bytes (rank {_GALORE_RANK.value})"}
   adamw = rows["adamw"]["bytes"]
   print(f"GPT d={config.dim} depth={config.depth} vocab={config.vocab_size}: "
         f"{p_total:,} parameters ({4 * p_total / 2**20:.1f} MiB float32)")

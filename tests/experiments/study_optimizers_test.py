@@ -5,12 +5,15 @@ import importlib
 import ml_collections
 
 from experiments import optimizers
+import lowrank_jax.optim as lo
 from experiments import study as study_lib
 
 PROJECTED = {"galore", "frugal"}
 
 
 def _available(name):
+  if name in PROJECTED:  # lowrank_jax's own; optax.contrib.galore would stand in otherwise
+    return name in lo.names()
   try:
     optimizers.lookup(name)
     return True
