@@ -44,7 +44,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from lowrank_jax import calibrate
 from lowrank_jax import linalg

@@ -177,10 +177,10 @@ def _check_choice(value, allowed, what):
     raise ValueError(f"Unknown {what} {value!r}; known: {tuple(allowed)}.")
 
 
-def _check_unit_interval(value, what, closed_right=False):
-  ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
-  if isinstance(value, (int, float)) and not ok:
-    raise ValueError(f"{what} must be in [0, 1{']' if closed_right else ')'}, got {value!r}.")
+def _check_unit_interval(value, what):
+  """A momentum in [0, 1) (arrays from inject_hyperparams are not checked)."""
+  if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+    raise ValueError(f"{what} must be in [0, 1), got {value!r}.")
 
 
 def map_leaves(fn: Callable[..., tuple], tree: Any, *rest: Any) -> tuple[Any, ...]:
