@@ -33,8 +33,8 @@ and ``D_k`` is the orthonormal DCT-II matrix (`lowrank_jax.linalg.dct_matrix`).
   training loop.
 
 The forward is ``base(x) + (x dW)`` with ``dW`` formed from the n coefficients
-(``O(n (fan_in + fan_out))`` for the DCT basis by gathering n rows of each DCT
-matrix; one inverse FFT for the Fourier basis); ``W0 + dW`` is never formed.
+(for the DCT basis one (fan_in, n) x (n, fan_out) product of gathered DCT rows,
+no dense Z; one inverse FFT for the Fourier basis); ``W0 + dW`` is never formed.
 """
 
 from __future__ import annotations
