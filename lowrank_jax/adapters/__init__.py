@@ -49,3 +49,16 @@ from lowrank_jax.adapters.stella import Stella
 from lowrank_jax.adapters.stella import StellaSpec
 
 stella = factory(StellaSpec)
+from lowrank_jax.adapters.spectral import FourierFT
+from lowrank_jax.adapters.spectral import FourierFTSpec
+from lowrank_jax.adapters.spectral import LoCA
+from lowrank_jax.adapters.spectral import LoCASpec
+from lowrank_jax.adapters.bottleneck import AdapterTune
+from lowrank_jax.adapters.bottleneck import AdapterTuneSpec
+from lowrank_jax.adapters.bottleneck import MAP
+from lowrank_jax.adapters.bottleneck import MAPSpec
+
+fourierft = factory(FourierFTSpec)
+loca = factory(LoCASpec)
+adaptertune = factory(AdapterTuneSpec)
+map = factory(MAPSpec)

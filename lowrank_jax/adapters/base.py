@@ -72,10 +72,13 @@ class Adapter(nnx.Module):
     ``additive``: the merged kernel is ``W0 + delta`` with delta independent of
       W0, so merging can be undone by subtraction (`lrj.unmerge`).
     `replaces_base_kernel`: building the adapter overwrote the base kernel.
+    ``mergeable``: the adapted layer is a plain layer with another kernel
+      (False for nonlinear bottlenecks, whose `merge` raises).
   """
 
   identity_at_init: ClassVar[bool] = True
   additive: ClassVar[bool] = True
+  mergeable: ClassVar[bool] = True
 
   @property
   def replaces_base_kernel(self) -> bool:

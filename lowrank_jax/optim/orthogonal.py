@@ -177,10 +177,10 @@ def _check_choice(value, allowed, what):
     raise ValueError(f"Unknown {what} {value!r}; known: {tuple(allowed)}.")
 
 
-def _check_unit_interval(value, what, closed_right=False):
-  ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
-  if isinstance(value, (int, float)) and not ok:
-    raise ValueError(f"{what} must be in [0, 1{']' if closed_right else ')'}, got {value!r}.")
+def _check_unit_interval(value, what):
+  """A momentum in [0, 1) (arrays from inject_hyperparams are not checked)."""
+  if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+    raise ValueError(f"{what} must be in [0, 1), got {value!r}.")
 
 
 def map_leaves(fn: Callable[..., tuple], tree: Any, *rest: Any) -> tuple[Any, ...]:
@@ -236,6 +236,49 @@ def _finish(name, direction, learning_rate, weight_decay, mask, adam_learning_ra
                          b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=adam_weight_decay,
                          nesterov=adam_nesterov)
   return with_matrix_partition(name, matrix_tx, fallback, mask)
+
+
+# -- closed-form state sizes (default mask: the 2-D leaves; AdamW on the rest) ----------
+def _nbytes(x, dtype=None) -> int:
+  return math.prod(x.shape) * jnp.dtype(dtype or x.dtype).itemsize
+
+
+def _matrices(params) -> list:
+  return [x for x in jax.tree.leaves(params) if len(x.shape) == 2]
+
+
+def _adamw_fallback_bytes(params) -> int:
+  """The AdamW group: its int32 count, then mu and nu of every non-matrix leaf."""
+  return 4 + 2 * sum(_nbytes(x) for x in jax.tree.leaves(params) if len(x.shape) != 2)
+
+
+def muon_state_bytes(params, mu_dtype=None, **unused) -> int:
+  """count + one momentum per matrix + the AdamW group."""
+  del unused
+  return 4 + sum(_nbytes(x, mu_dtype) for x in _matrices(params)) + _adamw_fallback_bytes(params)
+
+
+def dion_state_bytes(params, rank=None, mu_dtype=None, **unused) -> int:
+  """M (m x n) and Q (fan_in x r) per matrix + the AdamW group."""
+  del unused
+  rank = 0.25 if rank is None else rank
+  total = 0
+  for x in _matrices(params):
+    r = dion_rank(x.shape, rank)
+    total += _nbytes(x, mu_dtype) + x.shape[0] * r * jnp.dtype(mu_dtype or x.dtype).itemsize
+  return total + _adamw_fallback_bytes(params)
+
+
+def auon_state_bytes(params, **unused) -> int:
+  """One momentum per matrix + the AdamW group."""
+  del unused
+  return sum(_nbytes(x) for x in _matrices(params)) + _adamw_fallback_bytes(params)
+
+
+def mars_m_state_bytes(params, **unused) -> int:
+  """Momentum and previous gradient per matrix + the AdamW group."""
+  del unused
+  return 2 * sum(_nbytes(x) for x in _matrices(params)) + _adamw_fallback_bytes(params)
 
 
 # -- Muon -----------------------------------------------------------------------
@@ -327,7 +370,8 @@ def scale_by_muon(beta: float = 0.95, *, nesterov: bool = True, bias_correction:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-@registry.register("muon", example={})
+@registry.register("muon", example={},
+                   state_bytes=muon_state_bytes)
 def muon(learning_rate: optax.ScalarOrSchedule, beta: float = 0.95, *, nesterov: bool = True,
          bias_correction: bool = True, polar: str = "newton_schulz",
          ns_coeffs: str | tuple = "muon", ns_steps: int | None = None, polar_rank: int | None = None,
@@ -453,7 +497,8 @@ def scale_by_dion(rank: int | float | None = None, mu: float = 0.95, *, eps: flo
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-@registry.register("dion", example={})
+@registry.register("dion", example={"learning_rate": 0.1},
+                   state_bytes=dion_state_bytes)
 def dion(learning_rate: optax.ScalarOrSchedule, rank: int | float | None = None, mu: float = 0.95, *,
          eps: float = 1e-8, scaling: str = "ratio", rms: float = 0.2, seed: int | None = None,
          mu_dtype: Any = None, weight_decay: float = 0.0, mask: Any = None,
@@ -510,7 +555,8 @@ def scale_by_auon(beta: float = 0.95, gamma: float = 1.5) -> optax.GradientTrans
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-@registry.register("auon", example={})
+@registry.register("auon", example={},
+                   state_bytes=auon_state_bytes)
 def auon(learning_rate: optax.ScalarOrSchedule, beta: float = 0.95, gamma: float = 1.5, *,
          weight_decay: float = 0.0, mask: Any = None,
          adam_learning_rate: optax.ScalarOrSchedule | None = None, adam_b1: float = 0.8,
@@ -572,7 +618,8 @@ def scale_by_mars_m(beta: float = 0.95, gamma: float = 0.025, *, ns_coeffs: str 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-@registry.register("mars_m", example={})
+@registry.register("mars_m", example={},
+                   state_bytes=mars_m_state_bytes)
 def mars_m(learning_rate: optax.ScalarOrSchedule, beta: float = 0.95, gamma: float = 0.025, *,
            ns_coeffs: str | tuple = "muon", ns_steps: int | None = None, eps: float = 1e-7,
            scaling: str = "rms", rms: float = 0.2, weight_decay: float = 0.0, mask: Any = None,

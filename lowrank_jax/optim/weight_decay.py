@@ -15,6 +15,7 @@ optax.scale_by_learning_rate(lr))``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -51,7 +52,14 @@ def cautious_weight_decay(weight_decay: float = 0.0,
   return optax.masked(tx, mask) if mask is not None else tx
 
 
-@registry.register("cautious_adamw", example={"weight_decay": 0.1})
+def cautious_adamw_state_bytes(params, **unused) -> int:
+  """Adam's int32 count, mu and nu (parameter dtype); cautious decay has no state."""
+  del unused
+  return 4 + 2 * sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+
+
+@registry.register("cautious_adamw", example={"weight_decay": 0.1},
+                   state_bytes=cautious_adamw_state_bytes)
 def cautious_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, weight_decay: float = 1e-4, *, mask: Any = None,
                    nesterov: bool = False) -> optax.GradientTransformation:

@@ -108,6 +108,10 @@ def test_merge_matches_adapted_forward(name, kind):
   model.eval()
   y_adapted = model(x)
   adapter = model.layer
+  if not type(adapter).mergeable:
+    with pytest.raises(ValueError, match="not mergeable"):
+      lrj.merge(model)
+    return
   np.testing.assert_allclose(
       adapter.effective_kernel(), adapter.base.kernel[...] + adapter.delta(), rtol=1e-5, atol=1e-5)
   lrj.merge(model)
@@ -183,8 +187,19 @@ def test_bfloat16_params(name, kind):
   assert float(jnp.abs(y16.astype(jnp.float32) - y32).max()) / scale < 5e-2
 
 
+# Cases where the method's update space, not its training, keeps the loss from
+# falling by 10%: the reason is checked by the method's own tests.
+CAPACITY_LIMITED = {
+    ("fourierft", "conv"): "Re(IDFT2) of real coefficients spans only the centro-symmetric "
+                           "matrices, 37 of the 72 dims of this conv's 8x9 matrix; the "
+                           "least-squares optimum lowers this loss by 7%",
+}
+
+
 @pytest.mark.parametrize("name,kind", CASES, ids=IDS)
 def test_optimizer_on_adapter_params_lowers_regression_loss(name, kind):
+  if (name, kind) in CAPACITY_LIMITED:
+    pytest.xfail(CAPACITY_LIMITED[name, kind])
   model, x = _make(name, kind, salt=5)
   # Target: the base output plus a fixed random perturbation.
   target = model(x) + 0.5 * jax.random.normal(jax.random.key(11), model(x).shape)
