@@ -3,3 +3,6 @@
 from lowrank_jax.reparam import events
 from lowrank_jax.reparam.events import Event
 from lowrank_jax.reparam import poet
+from lowrank_jax.reparam import relora
+from lowrank_jax.reparam import switchlora
+from lowrank_jax.reparam import sparse_plus_low_rank
