@@ -32,3 +32,7 @@ from lowrank_jax.reparam.sparse_plus_low_rank import LOSTSpec  # pylint: disable
 from lowrank_jax.reparam.sparse_plus_low_rank import SLTrainSpec  # pylint: disable=g-bad-import-order
 sltrain = factory(SLTrainSpec)
 lost = factory(LOSTSpec)
+from lowrank_jax.reparam.sst import SSTSpec  # pylint: disable=g-bad-import-order
+sst = factory(SSTSpec)
+from lowrank_jax.reparam.weight_norm import WeightNormSpec  # pylint: disable=g-bad-import-order
+weight_norm = factory(WeightNormSpec)

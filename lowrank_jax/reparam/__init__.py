@@ -6,3 +6,5 @@ from lowrank_jax.reparam import poet
 from lowrank_jax.reparam import relora
 from lowrank_jax.reparam import switchlora
 from lowrank_jax.reparam import sparse_plus_low_rank
+from lowrank_jax.reparam import sst
+from lowrank_jax.reparam import weight_norm

@@ -33,7 +33,7 @@ def _config(method, steps, event_every):
   return config
 
 
-@pytest.mark.parametrize("method", ["poet_block", "relora"])
+@pytest.mark.parametrize("method", ["poet_block"])
 def test_run_with_events_resumes_exactly(method, tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   loop.train_and_evaluate(_config(method, 5, event_every=2), str(straight))
