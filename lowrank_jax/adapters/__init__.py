@@ -36,3 +36,7 @@ from lowrank_jax.reparam.sst import SSTSpec  # pylint: disable=g-bad-import-orde
 sst = factory(SSTSpec)
 from lowrank_jax.reparam.weight_norm import WeightNormSpec  # pylint: disable=g-bad-import-order
 weight_norm = factory(WeightNormSpec)
+from lowrank_jax.reparam.monarch import BTTSpec  # pylint: disable=g-bad-import-order
+from lowrank_jax.reparam.monarch import MonarchSpec  # pylint: disable=g-bad-import-order
+monarch = factory(MonarchSpec)
+btt = factory(BTTSpec)

@@ -99,10 +99,11 @@ class SST(adapter_base.Adapter):
     self.u = adapter_base.AdapterParam(u.astype(dtype))
     self.s = adapter_base.AdapterParam(s.astype(dtype))
     self.vt = adapter_base.AdapterParam(vt.astype(dtype))
-    self.round_mask = adapter_base.AdapterBuffer(sample_round(rngs.params(), s, spec.rank))
+    self.round_mask = adapter_base.AdapterBuffer(
+        sample_round(rngs.params(), s, spec.rank).astype(dtype))  # 0/1, exact in any float dtype
 
   def delta_matrix(self) -> Array:
-    mask = self.round_mask[...]
+    mask = self.round_mask[...].astype(jnp.float32)
     u = masked(self.u[...].astype(jnp.float32), mask[None, :])
     vt = masked(self.vt[...].astype(jnp.float32), mask[:, None])
     return (u * self.s[...].astype(jnp.float32)[None, :]) @ vt
@@ -118,7 +119,7 @@ class SST(adapter_base.Adapter):
     self.u[...] = u.astype(self.u.dtype)
     self.s[...] = s.astype(self.s.dtype)
     self.vt[...] = vt.astype(self.vt.dtype)
-    self.round_mask[...] = sample_round(key, s, self.spec.rank)
+    self.round_mask[...] = sample_round(key, s, self.spec.rank).astype(self.round_mask.dtype)
 
 
 @events.register("sst_resample")
