@@ -9,3 +9,4 @@ from lowrank_jax.reparam import sparse_plus_low_rank
 from lowrank_jax.reparam import sst
 from lowrank_jax.reparam import weight_norm
 from lowrank_jax.reparam import monarch
+from lowrank_jax.reparam import scaling
