@@ -8,7 +8,7 @@ embeddings and norms are trained as usual (``train_also``). The model has mlp_di
 POET's block size divides every projection. All methods train for the same number of steps on
 the same batches.
 
-arg keys: method (a key of METHODS), rank (for the low-rank methods), block_size (POET-BS),
+arg keys: method (a key of methods()), rank (for the low-rank methods), block_size (POET-BS),
 event_every (period of the method's event), steps, runlocal.
 """
 
@@ -31,6 +31,9 @@ def methods(rank: int, block_size: int, event_every: int) -> dict:
       "poet": ("poet", dict(w0_init="normalized_gaussian"), poet_events),
       "poet_block": ("poet", dict(block_size=block_size, w0_init="normalized_gaussian"),
                      poet_events),
+      "sltrain": ("sltrain", dict(low_rank, sparsity=0.03), ()),
+      "lost": ("lost", dict(low_rank, sparsity=0.1), ()),
+      "sst": ("sst", dict(rank=rank), (("sst_resample", dict(every=event_every)),)),
       "relora": ("relora", low_rank, (("relora_restart", dict(every=event_every)),)),
       "switchlora": ("switchlora", low_rank, (("switchlora_switch", dict(every=10, count=1)),)),
   }

@@ -2,8 +2,8 @@
 
     python -m experiments.study --config=configs/study_reparam.py
 
-Methods: AdamW full rank, POET (full and block-stochastic), ReLoRA and SwitchLoRA (and every
-other method of configs/pretrain_reparam.METHODS), on the embedded English text, 2 seeds.
+Methods: every entry of configs/pretrain_reparam.methods (AdamW full rank, POET full and
+block-stochastic, SLTrain, LOST, SST, ReLoRA, SwitchLoRA), on the embedded English text, 2 seeds.
 
 arg keys: runlocal (2 steps per run, for tests), steps.
 """

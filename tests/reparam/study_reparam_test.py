@@ -16,7 +16,7 @@ def test_study_runlocal_runs_two_steps_per_method(tmp_path):
   rows = study_lib.run_study(study, str(tmp_path))
   labels = [r["label"] for r in rows]
   assert labels == list(pretrain_reparam.methods(16, 16, 100))
-  assert {"full", "poet", "poet_block", "relora", "switchlora"} <= set(labels)
+  assert {"full", "poet", "poet_block", "sltrain", "lost", "relora", "switchlora"} <= set(labels)
   for row in rows:
     assert np.isfinite(row["val_loss"]) and row["trainable_params"] > 0
   full = next(r for r in rows if r["label"] == "full")
