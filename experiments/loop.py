@@ -97,8 +97,8 @@ def build_events(config) -> list[lrj.reparam.Event]:
           for name, kwargs in config.get("events", ())]
 
 
-def run_events(events, step: int, graphdef, wrt, trainable, opt_state, rng_state, frozen):
-  """Run the events due at ``step`` on the merged model; returns the split state again."""
+def run_events(events, step: int, mesh, graphdef, wrt, trainable, opt_state, rng_state, frozen):
+  """Run the events due at ``step`` on the merged model; returns the split (and placed) state."""
   due = [event for event in events if event.due(step)]
   if not due:
     return trainable, opt_state, rng_state, frozen
@@ -106,6 +106,8 @@ def run_events(events, step: int, graphdef, wrt, trainable, opt_state, rng_state
   for event in due:
     model, opt_state = event(model, opt_state, step)
   _, trainable, rng_state, frozen = nnx.split(model, wrt, nnx.RngState, ...)
+  trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
+  frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
   return trainable, opt_state, rng_state, frozen
 
 
@@ -217,7 +219,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       trainable, opt_state, rng_state, first_bad, step_metrics = train_step(
           trainable, opt_state, rng_state, first_bad, frozen, batch, jnp.int32(step))
       trainable, opt_state, rng_state, frozen = run_events(
-          events, step, graphdef, wrt, trainable, opt_state, rng_state, frozen)
+          events, step, mesh, graphdef, wrt, trainable, opt_state, rng_state, frozen)
       if timer_start is None:
         jax.block_until_ready(step_metrics["loss"])
         timer_start = time.perf_counter()
