@@ -45,3 +45,13 @@ def test_run_with_events_resumes_exactly(method, tmp_path):
   for part in ("trainable", "frozen", "opt_state"):
     for x, y in zip(jax.tree_util.tree_leaves(a[part]), jax.tree_util.tree_leaves(b[part])):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_every_method_config_builds_locked_with_its_events():
+  for label in pretrain_reparam.methods(16, 16, 100):
+    config = pretrain_reparam.get_config(f"method={label}")
+    assert config.is_locked
+    events = loop.build_events(config)
+    assert all(e.due(e.every) for e in events)
+  with pytest.raises(ValueError, match="method must be one of"):
+    pretrain_reparam.get_config("method=galore")
