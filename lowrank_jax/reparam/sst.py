@@ -60,7 +60,7 @@ class SSTSpec(adapter_base.AdapterSpec):
   """
 
   name = "sst"
-  rank: int = 2
+  rank: int = 4
 
   def __post_init__(self):
     if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -88,6 +88,7 @@ class SST(adapter_base.Adapter):
 
   identity_at_init = True
   additive = True
+  constrained_update = True  # U and V^T move only on the round's singular vectors
 
   def __init__(self, base: nnx.Module, spec: SSTSpec, view: layers.LayerView, path: str = "",
                *, rngs: nnx.Rngs):
