@@ -9,6 +9,11 @@ in ``workdir``. Metrics go to ``workdir/metrics.jsonl`` and TensorBoard event
 files; a loss-curve PNG is written at the end. A non-finite loss stops the run
 (or gradient norm) stops the run with `TrainingDiverged`, naming the first bad
 step; the last good checkpoint is kept.
+
+Step-boundary events (``config.events``: ``(name, kwargs)`` pairs of the
+`lowrank_jax.reparam.events` registry, e.g. POET's merge-then-reinitialize)
+run after the optimizer step of every step where they are due, on the merged
+model; runs with events also checkpoint the frozen state, which events change.
 """
 
 from __future__ import annotations
@@ -85,6 +90,33 @@ def trainable_filter(config):
   return nnx.Any(lrj.AdapterParam, also_trained)
 
 
+def build_events(config) -> list[lrj.reparam.Event]:
+  """The config's step-boundary events, built from ``config.events`` ((name, kwargs) pairs)."""
+  return [lrj.reparam.events.build(name, **(kwargs.to_dict() if hasattr(kwargs, "to_dict")
+                                            else dict(kwargs)))
+          for name, kwargs in config.get("events", ())]
+
+
+def run_events(events, step: int, mesh, graphdef, wrt, trainable, opt_state, rng_state, frozen):
+  """Run the events due at ``step`` on the merged model; returns the split (and placed) state."""
+  due = [event for event in events if event.due(step)]
+  if not due:
+    return trainable, opt_state, rng_state, frozen
+  model = nnx.merge(graphdef, trainable, rng_state, frozen)
+  for event in due:
+    model, opt_state = event(model, opt_state, step)
+  _, trainable, rng_state, frozen = nnx.split(model, wrt, nnx.RngState, ...)
+  trainable = jax.device_put(trainable, sharding.state_shardings(trainable, mesh))
+  frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
+  return trainable, opt_state, rng_state, frozen
+
+
+def checkpoint_state(events, trainable, opt_state, rng_state, frozen) -> dict[str, Any]:
+  """What a checkpoint holds: the trained state, plus the frozen state if events change it."""
+  state = {"trainable": trainable, "opt_state": opt_state, "rng": rng_state}
+  return dict(state, frozen=frozen) if events else state
+
+
 def tree_bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
                  if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)))
@@ -156,13 +188,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tx = optimizers.build(config)
   opt_state = jax.jit(tx.init)(trainable)
   train_step, eval_step = make_steps(graphdef, eval_graphdef, task, tx)
+  events = build_events(config)
 
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   start = checkpointer.latest_step() or 0
   if start:
     restored = checkpointer.restore(
-        start, {"trainable": trainable, "opt_state": opt_state, "rng": rng_state})
+        start, checkpoint_state(events, trainable, opt_state, rng_state, frozen))
     trainable, opt_state, rng_state = restored["trainable"], restored["opt_state"], restored["rng"]
+    frozen = restored.get("frozen", frozen)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   batches = task.train_batches(config, start)
   eval_batches = task.eval_batches(config)
@@ -184,6 +218,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       batch = sharding.shard_batch(next(batches), mesh)
       trainable, opt_state, rng_state, first_bad, step_metrics = train_step(
           trainable, opt_state, rng_state, first_bad, frozen, batch, jnp.int32(step))
+      trainable, opt_state, rng_state, frozen = run_events(
+          events, step, mesh, graphdef, wrt, trainable, opt_state, rng_state, frozen)
       if timer_start is None:
         jax.block_until_ready(step_metrics["loss"])
         timer_start = time.perf_counter()
@@ -201,7 +237,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         writer.write(step, **_evaluate(eval_step, trainable, rng_state, frozen, eval_batches, mesh))
       if step % config.checkpoint_every == 0 or is_last:
         check_finite(step)
-        checkpointer.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng_state})
+        checkpointer.save(step, checkpoint_state(events, trainable, opt_state, rng_state, frozen))
         last_good = step
       progress.update(1)
   finally:
@@ -227,17 +263,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 
 def restore_latest(config, workdir: str) -> dict[str, Any]:
-  """The state ({'trainable', 'opt_state', 'rng'}) of the latest checkpoint in ``workdir``."""
+  """The state ({'trainable', 'opt_state', 'rng'}, and 'frozen' for runs with events) of the
+  latest checkpoint in ``workdir``."""
   task = tasks.get(config.task)
   model = build_model(config, task)
-  _, trainable, rng_state, _ = nnx.split(model, trainable_filter(config), nnx.RngState, ...)
+  _, trainable, rng_state, frozen = nnx.split(model, trainable_filter(config), nnx.RngState, ...)
   opt_state = optimizers.build(config).init(trainable)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
     step = checkpointer.latest_step()
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}.")
-    return checkpointer.restore(step, {"trainable": trainable, "opt_state": opt_state,
-                                       "rng": rng_state})
+    return checkpointer.restore(
+        step, checkpoint_state(build_events(config), trainable, opt_state, rng_state, frozen))
   finally:
     checkpointer.close()

@@ -146,7 +146,7 @@ class POET(adapter_base.Adapter):
 
   identity_at_init = True
   additive = False
-  preserves_spectrum = True  # singular values of W are those of W0 (exactly, for 'cayley')
+  constrained_update = True  # W only rotates W0: its singular values are those of W0
 
   def __init__(self, base: nnx.Module, spec: POETSpec, view: layers.LayerView, path: str = "",
                *, rngs: nnx.Rngs):

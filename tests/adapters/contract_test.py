@@ -217,9 +217,10 @@ def test_optimizer_on_adapter_params_lowers_regression_loss(name, kind):
     return loss
 
   losses = [float(step(model, optimizer)) for _ in range(8)]
-  # Spectrum-preserving methods (POET: W = R W0 P) can only rotate W0, so they fit a random
-  # target more slowly; they must still make clear progress.
-  factor = 0.95 if getattr(type(model.layer), "preserves_spectrum", False) else 0.9
+  # Methods whose update is constrained by design (POET only rotates W0, keeping its spectrum;
+  # SST trains a few singular vectors per round) fit a random target more slowly; they must still
+  # make clear progress.
+  factor = 0.95 if getattr(type(model.layer), "constrained_update", False) else 0.9
   assert losses[-1] < factor * losses[0], losses
   # The base kernel was not trained (it may differ from the original only by a
   # weight-aware init's residual, set once at attach).
