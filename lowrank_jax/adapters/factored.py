@@ -447,6 +447,10 @@ class Factored(adapter_base.Adapter):
 
   # -- protocol ------------------------------------------------------------------
   @property
+  def replaces_base_kernel(self) -> bool:
+    return self.spec.residual
+
+  @property
   def scale(self) -> Array | float:
     return self.spec.scale * self.ramp
 
