@@ -518,8 +518,8 @@ def _adapter_class(identity_at_init: bool, additive: bool) -> type[Factored]:
 # -- ramp u(t) --------------------------------------------------------------------
 def set_step(model: nnx.Module, step: int) -> None:
   """Set the ramp step t of every three-factor adapter with a ramp (SingLoRA)."""
-  from lowrank_jax import attach  # attach imports the adapters package
-  for _, adapter in attach.adapters(model):
+  from lowrank_jax.attach import adapters as list_adapters  # attach imports this package
+  for _, adapter in list_adapters(model):
     if isinstance(adapter, Factored) and adapter.step is not None:
       adapter.step[...] = jnp.asarray(step, jnp.int32)
 
