@@ -27,7 +27,6 @@ poet = factory(POETSpec)
 from lowrank_jax.adapters import factored_methods as _factored_methods
 from lowrank_jax.adapters import adalora as _adalora
 from lowrank_jax.adapters import regularizers
-factored = factory(_factored_methods.FactoredSpec)
 lora_xs = factory(_factored_methods.LoRAXSSpec)
 lora_sb = factory(_factored_methods.LoRASBSpec)
 svft = factory(_factored_methods.SVFTSpec)

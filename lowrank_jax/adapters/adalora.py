@@ -66,8 +66,8 @@ class AdaLoRASpec(FactoredSpec):
 
 def adalora_sites(model: nnx.Module) -> list[tuple[str, Factored]]:
   """(path, adapter) of the AdaLoRA adapters of ``model``."""
-  from lowrank_jax import attach  # attach imports the adapters package
-  return [(p, m) for p, m in attach.adapters(model)
+  from lowrank_jax.attach import adapters as list_adapters  # attach imports this package
+  return [(p, m) for p, m in list_adapters(model)
           if isinstance(m, Factored) and isinstance(m.spec, AdaLoRASpec)]
 
 

@@ -90,8 +90,8 @@ class FactoredSpec(adapter_base.AdapterSpec):
     core_init: 'zeros', 'singular' (diag of the init's singular values),
       'weight' (the init's core read from W0, Nystrom/skeleton), 'kaiming',
       'gaussian' (N(0, core_std^2)).
-    core_k: band half-width ('banded'), entries per row ('random') or total
-      entries ('top_k').
+    core_k: band half-width ('banded'; 'random' takes as many entries as that
+      band has) or the number of entries ('top_k').
     core_rank: inner rank q of a 'lowrank' core.
     core_std: standard deviation of core_init='gaussian'.
     factor_std: standard deviation of init='gaussian' (None: 1/sqrt(fan_in) for
@@ -222,9 +222,6 @@ class FactoredSpec(adapter_base.AdapterSpec):
                        f"= {limit} for a ({fan_in}, {fan_out}) layer.")
     if self.init == "orthogonal" and k > fan_in:
       raise ValueError(f"{where}: init='orthogonal' needs rank <= fan_in = {fan_in}, got {k}.")
-    if self.core == "random" and self.core_k > k:
-      raise ValueError(f"{where}: core='random' takes core_k={self.core_k} entries per row of a "
-                       f"{k} x {k} core; core_k must be <= {k}.")
     if self.core == "top_k":
       if self.core_k > k * k:
         raise ValueError(f"{where}: core='top_k' with core_k={self.core_k} exceeds the {k * k} "
@@ -447,6 +444,10 @@ class Factored(adapter_base.Adapter):
 
   # -- protocol ------------------------------------------------------------------
   @property
+  def replaces_base_kernel(self) -> bool:
+    return self.spec.residual
+
+  @property
   def scale(self) -> Array | float:
     return self.spec.scale * self.ramp
 
@@ -514,8 +515,8 @@ def _adapter_class(identity_at_init: bool, additive: bool) -> type[Factored]:
 # -- ramp u(t) --------------------------------------------------------------------
 def set_step(model: nnx.Module, step: int) -> None:
   """Set the ramp step t of every three-factor adapter with a ramp (SingLoRA)."""
-  from lowrank_jax import attach  # attach imports the adapters package
-  for _, adapter in attach.adapters(model):
+  from lowrank_jax.attach import adapters as list_adapters  # attach imports this package
+  for _, adapter in list_adapters(model):
     if isinstance(adapter, Factored) and adapter.step is not None:
       adapter.step[...] = jnp.asarray(step, jnp.int32)
 

@@ -123,7 +123,7 @@ def pattern_size(pattern: str, k: int, width: int) -> int:
     width = min(width, k - 1)
     return k + 2 * sum(k - d for d in range(1, width + 1))
   if pattern == "random":
-    return k * width
+    return pattern_size("banded", k, width)
   if pattern == "top_k":
     return width
   raise ValueError(f"Unknown sparse core pattern {pattern!r}; known: {list(SPARSE_PATTERNS)}.")
@@ -135,7 +135,8 @@ def sparse_pattern(pattern: str, key: Array, k: int, width: int, a: Array | None
 
   * ``diagonal``: (i, i).
   * ``banded``: every (i, j) with |i - j| <= width.
-  * ``random``: ``width`` distinct random columns in every row.
+  * ``random``: as many distinct uniformly random entries as the band of
+    half-width ``width`` has (the reference code's count).
   * ``top_k``: the ``width`` pairs (i, j) with the largest alignment
     |a[:, i] . b[j, :]| between left and right singular vectors (needs
     fan_in == fan_out).
@@ -149,10 +150,8 @@ def sparse_pattern(pattern: str, key: Array, k: int, width: int, a: Array | None
     rows, cols = jnp.nonzero(keep, size=pattern_size("banded", k, width))
     return rows.astype(jnp.int32), cols.astype(jnp.int32)
   if pattern == "random":
-    keys = jax.random.split(key, k)
-    cols = jax.vmap(lambda kk: jax.random.permutation(kk, k)[:width])(keys)
-    rows = jnp.repeat(jnp.arange(k), width)
-    return rows.astype(jnp.int32), cols.reshape(-1).astype(jnp.int32)
+    flat = jax.random.permutation(key, k * k)[:pattern_size("random", k, width)]
+    return (flat // k).astype(jnp.int32), (flat % k).astype(jnp.int32)
   if pattern == "top_k":
     alignment = jnp.abs(a.astype(jnp.float32).T @ b.astype(jnp.float32).T)
     flat = jnp.argsort(-alignment.reshape(-1))[:width]

@@ -63,15 +63,20 @@ class LoRASBSpec(FactoredSpec):
 class SVFTSpec(FactoredSpec):
   """SVFT: ``W = U (S + M) V^T`` with a sparse trainable M (zero at init).
 
-  "SVFT: Parameter-Efficient Fine-Tuning with Singular
-  Vectors" (2024). U, V are the (full by default, ``rank=None``) singular
+  "SVFT: Parameter-Efficient Fine-Tuning with Singular Vectors" (2024). U, V are the (full by default, ``rank=None``) singular
   vectors of W0, frozen; M has a fixed pattern: 'diagonal' (SVFT-P, the
-  default), 'banded' (|i - j| <= core_k), 'random' (core_k entries per row)
-  or 'top_k' (the core_k pairs (i, j) with the largest |u_i . v_j|, square
-  layers only). Since W0 = U S V^T, the update is ``dW = U M V^T``; S stays in
-  the base weight. Differences: the top-k alignment score and the per-row
-  random pattern follow the paper's description (inferred, not checked against
-  the reference code); a truncated ``rank`` keeps the residual in W0.
+  default), 'banded' (|i - j| <= core_k), 'random' (as many uniformly placed
+  entries as that band has, like the reference code) or 'top_k' (the core_k
+  pairs (i, j) with the largest alignment |u_i . v_j|, square layers only).
+  Since W0 = U S V^T, the update is ``dW = U M V^T``; S stays in the base
+  weight. Differences from the reference code: it initializes M
+  kaiming-normal and multiplies it by a trainable gate sigmoid(g), g = 0, so
+  its layer does not start at W0; ours has M = 0 and no gate. Its 'random'
+  pattern may repeat positions (ours are distinct). Its top-k ranks the signed
+  entries of the product U V (square layers) with the band's count, while
+  ours ranks the alignment |u_i . v_j| of left and right singular vectors
+  (our reading of the paper's top-k pattern) with core_k entries. A truncated ``rank`` keeps the remaining spectrum in W0 (the
+  reference can instead fill the basis with random orthonormal vectors).
   """
 
   name = "svft"

@@ -28,9 +28,9 @@ def factor_orthogonality(a: Array, b: Array) -> Array:
 
 
 def _orthogonal_sites(model: nnx.Module, methods: Sequence[str] | None):
-  from lowrank_jax import attach  # attach imports the adapters package
+  from lowrank_jax.attach import adapters as list_adapters  # attach imports this package
   sites = []
-  for path, adapter in attach.adapters(model):
+  for path, adapter in list_adapters(model):
     if not isinstance(adapter, factored.Factored) or adapter.b is None:
       continue
     if methods is None:
