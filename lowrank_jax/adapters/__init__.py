@@ -22,3 +22,14 @@ from lowrank_jax.adapters.dora import DoRASpec
 
 lora = factory(LoRASpec)
 dora = factory(DoRASpec)
+from lowrank_jax.adapters.products import VeRASpec
+from lowrank_jax.adapters.products import LoHaSpec
+from lowrank_jax.adapters.products import LoKrSpec
+from lowrank_jax.adapters.products import CompacterSpec
+from lowrank_jax.adapters.products import SoKASpec
+
+vera = factory(VeRASpec)
+loha = factory(LoHaSpec)
+lokr = factory(LoKrSpec)
+compacter = factory(CompacterSpec)
+soka = factory(SoKASpec)
