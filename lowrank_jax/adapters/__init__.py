@@ -33,3 +33,14 @@ loha = factory(LoHaSpec)
 lokr = factory(LoKrSpec)
 compacter = factory(CompacterSpec)
 soka = factory(SoKASpec)
+from lowrank_jax.adapters.orthogonal import OFTSpec
+from lowrank_jax.adapters.orthogonal import BOFTSpec
+from lowrank_jax.adapters.orthogonal import HRASpec
+from lowrank_jax.adapters.orthogonal import hra_penalty
+
+oft = factory(OFTSpec)
+boft = factory(BOFTSpec)
+hra = factory(HRASpec)
+from lowrank_jax.adapters.mixture import CoMoLSpec
+
+comol = factory(CoMoLSpec)
