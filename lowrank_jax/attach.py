@@ -127,6 +127,9 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, rngs: nnx.Rngs,
     calibration: per-site statistics for inits that need data
       (`lowrank_jax.calibrate.collect`), passed to each spec's ``build``.
 
+  State shared across layers (`AdapterSpec.shared_state`) is created once per
+  distinct spec per call and handed to every ``build`` of that spec.
+
   Returns:
     ``model`` itself, with adapters in place.
 
@@ -135,9 +138,25 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, rngs: nnx.Rngs,
       selecting an already adapted module, bad hyperparameters for a layer.
     UnsupportedLayerError: a rule selecting a module that is not linear-like.
   """
-  for path, name, module, spec in select(model, rules):
-    _set_child(model, path, spec.build(module, rngs=rngs, calibration=calibration, path=name))
+  targets = select(model, rules)
+  shared = _shared_states(targets, rngs)
+  for path, name, module, spec in targets:
+    state = next(s for other, s in shared if other == spec)
+    extra = {} if state is None else {"shared": state}
+    _set_child(model, path, spec.build(module, rngs=rngs, calibration=calibration, path=name,
+                                       **extra))
   return model
+
+
+def _shared_states(targets, rngs: nnx.Rngs) -> list[tuple[Any, Any]]:
+  """(spec, spec.shared_state(sites)) for each distinct spec of ``targets``, in order."""
+  specs = []
+  for _, _, _, spec in targets:
+    if not any(other == spec for other in specs):
+      specs.append(spec)
+  return [(spec, spec.shared_state([(name, module) for _, name, module, other in targets
+                                    if other == spec], rngs=rngs))
+          for spec in specs]
 
 
 def adapters(model: nnx.Module) -> list[tuple[str, adapter_base.Adapter]]:
@@ -154,8 +173,11 @@ def merge(model: nnx.Module, *, keep_adapters: bool = False) -> nnx.Module:
   With ``keep_adapters=True`` the merged kernel is written into the base and
   the adapter stays, marked merged (its forward is the base's), so that
   `unmerge` can restore training; only additive methods allow this.
+  Raises ValueError before changing anything if an adapter is not mergeable.
   """
   found = [(p, m) for p, m in _iter_modules(model) if isinstance(m, adapter_base.Adapter)]
+  for _, adapter in found:
+    adapter.check_mergeable()
   for path, adapter in found:
     name = path_str(path)
     if keep_adapters:

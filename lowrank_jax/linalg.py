@@ -326,3 +326,117 @@ def polar_retraction(x: Array, xi: Array) -> Array:
   (Absil, Mahony & Sepulchre, 2008, Example 4.1.3).
   """
   return polar(jnp.asarray(x) + jnp.asarray(xi))
+
+
+# -- Kronecker products -----------------------------------------------------------
+def kron_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+  """Split ``dimension`` into ``(m, n)`` with ``m * n = dimension`` and ``m <= n``.
+
+  The rule of LyCORIS / PEFT's LoKr (``peft.tuners.lokr.layer.factorization``):
+  with ``factor > 0`` dividing ``dimension`` the result is ``(factor, dimension
+  // factor)`` (not reordered); otherwise the pair of divisors closest to the
+  square root whose smaller member does not exceed ``factor`` (any size for
+  ``factor = -1``). ``kron_factorization(128) == (8, 16)``,
+  ``kron_factorization(127) == (1, 127)``, ``kron_factorization(128, 4) == (4, 32)``.
+  """
+  if not isinstance(dimension, int) or dimension < 1:
+    raise ValueError(f"dimension must be a positive integer, got {dimension!r}.")
+  if factor == 0 or factor < -1:
+    raise ValueError(f"factor must be -1 or a positive integer, got {factor!r}.")
+  if factor > 0 and dimension % factor == 0:
+    return factor, dimension // factor
+  limit = dimension if factor == -1 else factor
+  m, n = 1, dimension
+  while m < n:
+    new_m = m + 1
+    while dimension % new_m:
+      new_m += 1
+    new_n = dimension // new_m
+    if new_m + new_n > m + n or new_m > limit:
+      break
+    m, n = new_m, new_n
+  return (n, m) if m > n else (m, n)
+
+
+def _check_kron_factors(a: Array, b: Array) -> None:
+  if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0]:
+    raise ValueError(
+        "Kronecker factors must be stacks (k, p, q) and (k, m, n) with the same k, got "
+        f"shapes {a.shape} and {b.shape}.")
+
+
+def kron_sum(a: Array, b: Array) -> Array:
+  """``sum_i a_i ⊗ b_i`` for stacks ``a`` (k, p, q) and ``b`` (k, m, n): (p m, q n).
+
+  Entry ``[i1 m + i2, j1 n + j2] = sum_i a_i[i1, j1] b_i[i2, j2]`` (``jnp.kron``'s order).
+  """
+  _check_kron_factors(a, b)
+  _, p, q = a.shape
+  _, m, n = b.shape
+  return jnp.einsum("kac,kbd->abcd", _as_float(a), _as_float(b)).reshape(p * m, q * n)
+
+
+def kron_sum_matmul(x: Array, a: Array, b: Array) -> Array:
+  """``x @ kron_sum(a, b)`` without forming the (p m, q n) matrix.
+
+  ``x`` (..., p m) is read as (..., p, m); the product is
+  ``y[..., j1, j2] = sum_{i, i1, i2} x[..., i1, i2] a_i[i1, j1] b_i[i2, j2]``,
+  O(k (p m q + q m n)) per row instead of O(p m q n) (Van Loan, "The ubiquitous
+  Kronecker product", 2000: ``(A ⊗ B) vec(X) = vec(B X A^T)``).
+  """
+  _check_kron_factors(a, b)
+  _, p, q = a.shape
+  _, m, n = b.shape
+  if x.shape[-1] != p * m:
+    raise ValueError(f"x has {x.shape[-1]} features; the Kronecker factors need {p} * {m} = {p * m}.")
+  x = x.reshape(x.shape[:-1] + (p, m))
+  y = jnp.einsum("...ab,kac,kbd->...cd", x, a.astype(x.dtype), b.astype(x.dtype))
+  return y.reshape(y.shape[:-2] + (q * n,))
+
+
+def kron_rearrange(w: Array, a_shape: tuple[int, int]) -> Array:
+  """Van Loan-Pitsianis rearrangement ``R(w)`` (p q, m n) of ``w`` (p m, q n).
+
+  Row ``i1 q + j1`` of ``R(w)`` is the (i1, j1) block ``w[i1 m:(i1+1) m, j1 n:(j1+1) n]``
+  flattened, so that ``R(a ⊗ b) = vec(a) vec(b)^T`` and
+  ``||w - sum_i a_i ⊗ b_i||_F = ||R(w) - sum_i vec(a_i) vec(b_i)^T||_F``.
+  """
+  _check_matrix(w)
+  p, q = a_shape
+  rows, cols = w.shape
+  if p < 1 or q < 1 or rows % p or cols % q:
+    raise ValueError(
+        f"Kronecker factor shape {tuple(a_shape)} does not divide the matrix shape {w.shape}: "
+        "both dims of the first factor must divide the matrix's dims.")
+  m, n = rows // p, cols // q
+  return jnp.transpose(w.reshape(p, m, q, n), (0, 2, 1, 3)).reshape(p * q, m * n)
+
+
+def kpsvd(w: Array, a_shape: tuple[int, int], k: int) -> tuple[Array, Array, Array]:
+  """Kronecker-product SVD: the best ``sum_{i<k} a_i ⊗ b_i`` approximation of ``w``.
+
+  Van Loan & Pitsianis, "Approximation with Kronecker Products" (1993): the SVD
+  ``R(w) = sum_i s_i u_i v_i^T`` of the rearranged matrix (`kron_rearrange`)
+  gives ``a_i = sqrt(s_i) reshape(u_i, a_shape)``, ``b_i = sqrt(s_i)
+  reshape(v_i)``, optimal in Frobenius norm for every k.
+
+  Returns:
+    ``(a, b, s)``: stacks (k, p, q) and (k, m, n) and all the singular values of
+    ``R(w)`` (descending), for choosing k by energy.
+  """
+  r = kron_rearrange(_as_float(w), a_shape)
+  _check_rank(k, r.shape, "number of Kronecker terms k")
+  u, s, vt = jnp.linalg.svd(r, full_matrices=False)
+  root = jnp.sqrt(s[:k])
+  p, q = a_shape
+  m, n = w.shape[0] // p, w.shape[1] // q
+  a = (u[:, :k] * root[None, :]).T.reshape(k, p, q)
+  b = (root[:, None] * vt[:k]).reshape(k, m, n)
+  return a, b, s
+
+
+def block_diag(blocks: Array) -> Array:
+  """Block-diagonal (n b, n b) matrix from a stack of blocks (n, b, b)."""
+  n, b, _ = blocks.shape
+  eye = jnp.eye(n, dtype=blocks.dtype)
+  return jnp.einsum("ij,iab->iajb", eye, blocks).reshape(n * b, n * b)

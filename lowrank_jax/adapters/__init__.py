@@ -77,3 +77,25 @@ from lowrank_jax.reparam.monarch import BTTSpec  # pylint: disable=g-bad-import-
 from lowrank_jax.reparam.monarch import MonarchSpec  # pylint: disable=g-bad-import-order
 monarch = factory(MonarchSpec)
 btt = factory(BTTSpec)
+from lowrank_jax.adapters.products import VeRASpec
+from lowrank_jax.adapters.products import LoHaSpec
+from lowrank_jax.adapters.products import LoKrSpec
+from lowrank_jax.adapters.products import CompacterSpec
+from lowrank_jax.adapters.products import SoKASpec
+
+vera = factory(VeRASpec)
+loha = factory(LoHaSpec)
+lokr = factory(LoKrSpec)
+compacter = factory(CompacterSpec)
+soka = factory(SoKASpec)
+from lowrank_jax.adapters.orthogonal import OFTSpec
+from lowrank_jax.adapters.orthogonal import BOFTSpec
+from lowrank_jax.adapters.orthogonal import HRASpec
+from lowrank_jax.adapters.orthogonal import hra_penalty
+
+oft = factory(OFTSpec)
+boft = factory(BOFTSpec)
+hra = factory(HRASpec)
+from lowrank_jax.adapters.mixture import CoMoLSpec
+
+comol = factory(CoMoLSpec)

@@ -15,7 +15,7 @@ or ``nnx.split(model, AdapterParam, ...)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,20 @@ class AdapterSpec:
     """Number of trainable parameters the adapter adds to a (fan_in, fan_out) layer."""
     raise NotImplementedError
 
+  def shared_state(self, sites: Sequence[tuple[str, nnx.Module]], *, rngs: nnx.Rngs) -> Any:
+    """State shared by all the layers this spec adapts in one `lrj.attach` call.
+
+    `lrj.attach` calls this once per distinct spec (specs compare by value)
+    with every ``(path, base module)`` the spec is about to wrap; when the
+    result is not None it is passed to each ``build`` as ``shared=``. A spec
+    holding cross-layer state (VeRA's random projections, Compacter's shared
+    Kronecker factors) overrides this and accepts ``shared`` in `build`;
+    sharing one `nnx.Variable` between adapter modules stores it once in the
+    model state. The default shares nothing.
+    """
+    del sites, rngs
+    return None
+
   def replace(self, **changes) -> "AdapterSpec":
     return dataclasses.replace(self, **changes)
 
@@ -72,8 +86,9 @@ class Adapter(nnx.Module):
     ``additive``: the merged kernel is ``W0 + delta`` with delta independent of
       W0, so merging can be undone by subtraction (`lrj.unmerge`).
     `replaces_base_kernel`: building the adapter overwrote the base kernel.
-    ``mergeable``: the adapted layer is a plain layer with another kernel
-      (False for nonlinear bottlenecks, whose `merge` raises).
+    ``mergeable``: the adapted layer is a fixed linear map that one kernel can
+      hold. False for input-dependent or nonlinear updates (mixtures routed per
+      token, nonlinear bottlenecks): `merge`, `delta` and `effective_kernel` then raise.
   """
 
   identity_at_init: ClassVar[bool] = True
@@ -117,8 +132,16 @@ class Adapter(nnx.Module):
     kernel = self.base.kernel
     return self.view.from_matrix(self.effective_matrix()).astype(kernel.dtype)
 
+  def check_mergeable(self) -> None:
+    """Raise the clear error of a non-mergeable adapter (see ``mergeable``)."""
+    if not type(self).mergeable:
+      raise ValueError(
+          f"Adapter '{self.path}' ({self.spec.name}) is not mergeable: its update depends on "
+          "the input, so no single kernel equals the adapted layer (see the method's docstring).")
+
   def merge(self) -> nnx.Module:
     """The base module with its kernel replaced by the merged kernel."""
+    self.check_mergeable()
     if not self.merged:
       self.base.kernel[...] = self.effective_kernel()
     return self.base

@@ -100,6 +100,14 @@ def test_identity_at_init_and_param_count(name, kind):
   assert added == spec.num_params(adapter.view.fan_in, adapter.view.fan_out)
 
 
+def _assert_merge_refused(model, **kwargs):
+  """A non-mergeable adapter refuses to merge and is left as it was."""
+  adapter = model.layer
+  with pytest.raises(ValueError, match="not mergeable"):
+    lrj.merge(model, **kwargs)
+  assert model.layer is adapter and not adapter.merged
+
+
 @pytest.mark.parametrize("name,kind", CASES, ids=IDS)
 def test_merge_matches_adapted_forward(name, kind):
   model, x = _make(name, kind, salt=1)
@@ -109,8 +117,7 @@ def test_merge_matches_adapted_forward(name, kind):
   y_adapted = model(x)
   adapter = model.layer
   if not type(adapter).mergeable:
-    with pytest.raises(ValueError, match="not mergeable"):
-      lrj.merge(model)
+    _assert_merge_refused(model)
     return
   np.testing.assert_allclose(
       adapter.effective_kernel(), adapter.base.kernel[...] + adapter.delta(), rtol=1e-5, atol=1e-5)
@@ -128,6 +135,9 @@ def test_merge_keep_adapters_and_unmerge(name, kind):
   model.eval()
   y_adapted = model(x)
   kernel_before = np.asarray(model.layer.base.kernel[...])
+  if not type(model.layer).mergeable:
+    _assert_merge_refused(model, keep_adapters=True)
+    return
   if not type(model.layer).additive:
     with pytest.raises(ValueError, match="not additive"):
       lrj.merge(model, keep_adapters=True)
@@ -221,11 +231,12 @@ def test_optimizer_on_adapter_params_lowers_regression_loss(name, kind):
     optimizer.update(model, grads)
     return loss
 
-  losses = [float(step(model, optimizer)) for _ in range(8)]
-  # Methods whose update is constrained by design (POET only rotates W0, keeping its spectrum;
-  # SST trains a few singular vectors per round) fit a random target more slowly; they must still
-  # make clear progress.
-  factor = 0.95 if getattr(type(model.layer), "constrained_update", False) else 0.9
+  # The bar is a clear descent. Methods whose update is constrained by design
+  # (``constrained_update``: POET and OFT/HRA only rotate W0, SST trains a few
+  # singular vectors per round, LoKr has 18 parameters on the conv kernel) fit a
+  # random target slowly; they must still make clear progress.
+  losses = [float(step(model, optimizer)) for _ in range(20)]
+  factor = 0.98 if getattr(type(model.layer), "constrained_update", False) else 0.9
   assert losses[-1] < factor * losses[0], losses
   # The base kernel was not trained (it may differ from the original only by a
   # weight-aware init's residual, set once at attach).
