@@ -50,3 +50,34 @@ def adapter_fields(config: ml_collections.ConfigDict, method: str, targets: list
   config.method = method
   config.targets = targets
   config.adapter = ml_collections.ConfigDict(hyperparams if method != "full" else {})
+
+
+def adapter_hyperparams(method: str, rank: int, init: str = "default") -> dict:
+  """The adapter hyperparameters of the configs' ``method``/``rank``/``init`` args.
+
+  LoRA-family methods take ``rank``, ``alpha = 2 rank`` and ``init``; StelLA
+  takes ``rank`` and ``alpha`` (its own inits are StelLA's, ``init`` must stay
+  'default'); 'full' has none.
+  """
+  if method == "full":
+    return {}
+  if method == "stella":
+    if init != "default":
+      raise ValueError(f"method=stella takes no LoRA init (got init={init!r}).")
+    return dict(rank=rank, alpha=2.0 * rank)
+  return dict(rank=rank, alpha=2.0 * rank, init=init)
+
+
+def calibration_fields(config: ml_collections.ConfigDict, *, init: str, calibration_batches: int,
+                       allocate: bool) -> None:
+  """Calibration for gradient inits (LoRA-GA, LoRA-One, GoRA) and GoRA rank allocation.
+
+  A gradient init or ``allocate`` with ``calibration_batches=0`` uses 8 batches.
+  ``allocate`` adds ``rank_allocation`` (keyword arguments of gora.allocate).
+  """
+  from lowrank_jax.adapters import init as lora_init  # pylint: disable=g-import-not-at-top
+  needs = lora_init.needs_grad(init) or allocate
+  if needs:
+    config.calibration = ml_collections.ConfigDict(dict(num_batches=calibration_batches or 8))
+  if allocate:
+    config.rank_allocation = ml_collections.ConfigDict(dict(min_rank=1))

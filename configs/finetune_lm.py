@@ -6,7 +6,8 @@
 
 arg keys: method (full or an adapter name), rank, init (a LoRA init), targets (a preset of
 lowrank_jax.models.presets for gpt: attention, qv, mlp, all), size (must match the pretrained
-model), runlocal. Without init_from the base model is random (a smoke test, not a fine-tune).
+model), calibration_batches and allocate (GoRA: ``init=gora,allocate=true`` allocates the
+ranks under the budget of rank-``rank`` LoRA from calibration gradients), runlocal. Without init_from the base model is random (a smoke test, not a fine-tune).
 """
 
 import ml_collections
@@ -14,7 +15,8 @@ import ml_collections
 from configs import common
 from configs import pretrain_lm
 
-DEFAULTS = dict(method="lora", rank=8, init="default", targets="all", size="tiny", runlocal=False)
+DEFAULTS = dict(method="lora", rank=8, init="default", targets="all", size="tiny",
+                calibration_batches=0, allocate=False, runlocal=False)
 TARGETS = {
     "attention": r"blocks/\d+/attn/(query|key|value|out)",
     "qv": r"blocks/\d+/attn/(query|value)",
@@ -35,9 +37,10 @@ def get_config(arg=None):
     config.log_every = max(1, config.steps // 50)
     config.eval_every = max(1, config.steps // 5)
     config.checkpoint_every = max(1, config.steps // 5)
-    rank = args["rank"]
     common.adapter_fields(config, args["method"], [TARGETS[args["targets"]]],
-                          **({} if args["method"] == "full" else
-                             dict(rank=rank, alpha=2.0 * rank, init=args["init"])))
+                          **common.adapter_hyperparams(args["method"], args["rank"], args["init"]))
+    common.calibration_fields(config, init=args["init"],
+                              calibration_batches=args["calibration_batches"],
+                              allocate=args["allocate"])
   config.lock()
   return config

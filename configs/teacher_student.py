@@ -3,7 +3,8 @@
     python -m experiments.train --config=configs/teacher_student.py:method=dora,rank=4 \
         --workdir=/tmp/ts
 
-arg keys: method (full or an adapter name), rank, init (a LoRA init), kind (the teacher
+arg keys: method (full or an adapter name; stella trains with the 'stella' Riemannian
+optimizer), rank, init (a LoRA init), kind (the teacher
 update's structure: low_rank, full_rank, orthogonal, sparse, frequency_sparse), update_rank,
 runlocal. The adapted layer is the MLP's middle layer 'layers/1'.
 """
@@ -25,10 +26,9 @@ def get_config(arg=None):
       task_seed=1, kind=args["kind"], update_rank=args["update_rank"], update_scale=0.5,
       n_train=2048, n_val=512))
   common.training_fields(config, steps=20 if args["runlocal"] else 400, batch_size=64,
-                         learning_rate=1e-2, optimizer="adam")
-  rank = args["rank"]
+                         learning_rate=1e-2,
+                         optimizer="stella" if args["method"] == "stella" else "adam")
   common.adapter_fields(config, args["method"], ["layers/1"],
-                        **({} if args["method"] == "full" else
-                           dict(rank=rank, alpha=2.0 * rank, init=args["init"])))
+                        **common.adapter_hyperparams(args["method"], args["rank"], args["init"]))
   config.lock()
   return config

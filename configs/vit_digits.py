@@ -3,14 +3,16 @@
     python -m experiments.train --config=configs/vit_digits.py:pool=mean --workdir=/tmp/vit
 
 arg keys: method (full or an adapter name), rank, pool (cls, mean), train_examples (0 = all
-1437 training images), runlocal.
+1437 training images), structured_init (heads start as random shift filters; needs
+pool=mean), runlocal.
 """
 
 import ml_collections
 
 from configs import common
 
-DEFAULTS = dict(method="full", rank=4, pool="cls", train_examples=0, runlocal=False)
+DEFAULTS = dict(method="full", rank=4, pool="cls", train_examples=0, structured_init=False,
+                runlocal=False)
 
 
 def get_config(arg=None):
@@ -25,6 +27,7 @@ def get_config(arg=None):
   common.training_fields(config, steps=3 if args["runlocal"] else 500, batch_size=64,
                          learning_rate=1e-3)
   config.init_from = ""
+  config.structured_init = args["structured_init"]
   rank = args["rank"]
   common.adapter_fields(config, args["method"], [r"blocks/\d+/attn/(query|key|value|out)"],
                         **({} if args["method"] == "full" else dict(rank=rank, alpha=2.0 * rank)))

@@ -63,14 +63,39 @@ def load_pretrained(model: nnx.Module, workdir: str) -> None:
   nnx.update(model, restore_latest(pretrain_config, workdir)["trainable"])
 
 
+def calibration_stats(config, task: tasks.Task, model: nnx.Module, rules) -> dict | None:
+  """Calibration statistics for gradient inits and rank allocation, if the config asks for them.
+
+  The first ``config.calibration.num_batches`` training batches (a function
+  of the seed) give the mean gradient of the task loss w.r.t. every
+  adapted kernel (`lowrank_jax.calibrate.collect`).
+  """
+  calibration = config.get("calibration")
+  if calibration is None or not calibration.num_batches:
+    return None
+  loss = lambda m, batch: task.loss(m, batch)[0]
+  return lrj.calibrate.collect(model, rules, loss, task.train_batches(config, 0),
+                               num_batches=calibration.num_batches)
+
+
 def build_model(config, task: tasks.Task) -> nnx.Module:
-  """The task's model (from ``init_from`` if set) with the config's adapters attached."""
+  """The task's model (from ``init_from`` if set) with the config's adapters attached.
+
+  With ``config.rank_allocation`` (keyword arguments of
+  `lowrank_jax.adapters.gora.allocate`) the ranks are allocated per site from
+  the calibration statistics (GoRA) before attaching.
+  """
   model = task.build_model(config, nnx.Rngs(config.seed))
   if config.get("init_from"):
     load_pretrained(model, config.init_from)
   if config.method != "full":
-    lrj.attach(model, adapter_rules(config),
-               rngs=nnx.Rngs(params=config.seed + 1, dropout=config.seed + 2))
+    rules = adapter_rules(config)
+    stats = calibration_stats(config, task, model, rules)
+    if config.get("rank_allocation") is not None:
+      from lowrank_jax.adapters import gora  # pylint: disable=g-import-not-at-top
+      rules = gora.allocate(model, stats, rules, **config.rank_allocation.to_dict())
+    lrj.attach(model, rules, rngs=nnx.Rngs(params=config.seed + 1, dropout=config.seed + 2),
+               calibration=stats)
   return model
 
 

@@ -25,6 +25,7 @@ from experiments import data
 from lowrank_jax.models import bert
 from lowrank_jax.models import gpt
 from lowrank_jax.models import mlp
+from lowrank_jax.models import structured_init
 from lowrank_jax.models import vit
 
 Batch = dict[str, Any]
@@ -102,6 +103,37 @@ register("teacher_student", Task(
 ))
 
 
+# -- per-layer-rank regression (GoRA's synthetic task) ------------------------------------
+def _layer_ranks_model(config) -> mlp.MLP:
+  m = config.model
+  return mlp.MLP((m.d_in,) + (m.d_hidden,) * (len(config.data.update_ranks) - 1) + (m.d_out,),
+                 rngs=nnx.Rngs(m.base_seed))
+
+
+def _layer_ranks_data(config, split: str) -> dict[str, np.ndarray]:
+  """Outputs of the base MLP whose layer l has a rank-``update_ranks[l]`` update (0: none)."""
+  m, d = config.model, config.data
+  teacher = _layer_ranks_model(config)
+  rng = np.random.default_rng(d.task_seed)
+  for layer, rank in zip(teacher.layers, d.update_ranks):
+    if rank:
+      layer.kernel[...] = data.teacher_update(rng, np.asarray(layer.kernel[...]), "low_rank",
+                                              rank=rank, scale=d.update_scale)
+  n = d.n_train if split == "train" else d.n_val
+  x = np.random.default_rng([d.task_seed, 0 if split == "train" else 1]).standard_normal(
+      (n, m.d_in)).astype(np.float32)
+  return {"x": x, "y": np.asarray(teacher(x))}
+
+
+register("layer_ranks", Task(
+    build_model=lambda config, rngs: _layer_ranks_model(config),
+    train_batches=lambda config, start: indexed_batches(
+        _layer_ranks_data(config, "train"), config.batch_size, config.seed, start),
+    eval_batches=lambda config: [_layer_ranks_data(config, "validation")],
+    loss=_mse,
+))
+
+
 # -- byte-level language modeling ---------------------------------------------------
 def _lm_loss(model, batch):
   loss = gpt.next_token_loss(model(batch["tokens"]), batch["tokens"])
@@ -138,8 +170,16 @@ def _digits(config, split):
   return {"images": images, "labels": labels}
 
 
+def _vit(config, rngs) -> vit.ViT:
+  """The ViT of the config; ``structured_init=True`` fits its heads to shift maps."""
+  model = vit.ViT(vit.ViTConfig(**config.model.to_dict()), rngs=rngs)
+  if config.get("structured_init"):
+    structured_init.init_vit(model, key=jax.random.key(config.seed))
+  return model
+
+
 register("vit_digits", Task(
-    build_model=lambda config, rngs: vit.ViT(vit.ViTConfig(**config.model.to_dict()), rngs=rngs),
+    build_model=_vit,
     train_batches=lambda config, start: indexed_batches(
         _digits(config, "train"), config.batch_size, config.seed, start),
     eval_batches=lambda config: [_digits(config, "validation")],

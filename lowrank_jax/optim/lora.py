@@ -189,7 +189,7 @@ def lora_pro(learning_rate: optax.ScalarOrSchedule, scale: float = 1.0, delta: f
 # -- AltLoRA ------------------------------------------------------------------------------
 class AltLoRAState(NamedTuple):
   count: jax.Array
-  momentum: PyTree      # like the params: low-rank momentum of every leaf
+  momentum: PyTree      # like the params, float32: the momentum of every leaf
   previous_b: PyTree    # like the params: b at the previous step (for the momentum transport)
 
 
@@ -215,8 +215,8 @@ def altlora(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, reg: float =
 
   def init_fn(params):
     _check_pairs(sites.group(params, PAIR), "altlora")
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    return AltLoRAState(jnp.zeros((), jnp.int32), zeros, zeros)
+    momentum = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return AltLoRAState(jnp.zeros((), jnp.int32), momentum, jax.tree_util.tree_map(jnp.zeros_like, params))
 
   def update_fn(grads, state, params=None):
     if params is None:
