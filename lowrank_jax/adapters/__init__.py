@@ -22,3 +22,11 @@ from lowrank_jax.adapters.dora import DoRASpec
 
 lora = factory(LoRASpec)
 dora = factory(DoRASpec)
+from lowrank_jax.adapters.highrank import BatSpec
+from lowrank_jax.adapters.highrank import HUTSpec
+from lowrank_jax.adapters.highrank import MiSSSpec
+from lowrank_jax.adapters.highrank import MoRASpec
+mora = factory(MoRASpec)
+miss = factory(MiSSSpec)
+bat = factory(BatSpec)
+hut = factory(HUTSpec)
