@@ -99,3 +99,11 @@ hra = factory(HRASpec)
 from lowrank_jax.adapters.mixture import CoMoLSpec
 
 comol = factory(CoMoLSpec)
+from lowrank_jax.adapters.highrank import BatSpec
+from lowrank_jax.adapters.highrank import HUTSpec
+from lowrank_jax.adapters.highrank import MiSSSpec
+from lowrank_jax.adapters.highrank import MoRASpec
+mora = factory(MoRASpec)
+miss = factory(MiSSSpec)
+bat = factory(BatSpec)
+hut = factory(HUTSpec)
