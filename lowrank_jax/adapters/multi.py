@@ -102,6 +102,7 @@ class MultiAdapter(adapter_base.Adapter):
   """Named LoRA adapters sharing one base layer (see the module docstring).
 
   Children: ``adapters`` (an nnx.Dict of `LoRA` modules). Static state:
+  ``order`` (the names in the order added; adapter id g is ``order[g]``) and
   ``active``, a tuple of (name, weight) pairs.
   """
 
@@ -109,24 +110,26 @@ class MultiAdapter(adapter_base.Adapter):
                *, rngs: nnx.Rngs):
     super().__init__(base, spec, view, path)
     self.adapters = nnx.Dict()
-    self.adapter_ids = None
+    self.order = ()  # adapter names in the order added: ids index this (nnx.Dict sorts keys)
+    self.adapter_ids = nnx.data(None)  # an AdapterIds variable while routed
     for name, member in spec.adapters:
       self.add(name, member, rngs=rngs)
     self.set_active(spec.active or spec.adapters[0][0])
 
   @property
   def names(self) -> list[str]:
-    return list(self.adapters.keys())
+    return list(self.order)
 
   def add(self, name: str, spec: LoRASpec, *, rngs: nnx.Rngs) -> "MultiAdapter":
     """Build one more adapter ``name`` on the shared base (inactive until `set_active`)."""
     where = f" at '{self.path}'"
     check_member(name, spec, where)
-    if name in self.adapters:
+    if name in self.order:
       raise ValueError(f"multi-adapter{where}: an adapter named {name!r} already exists.")
     if self.merged:
       raise ValueError(f"multi-adapter{where} is merged; unmerge before adding adapters.")
     self.adapters[name] = spec.build(self.base, rngs=rngs, path=f"{self.path}/{name}")
+    self.order = self.order + (name,)
     return self
 
   def set_active(self, active: str | Mapping[str, float] | Sequence[str]) -> "MultiAdapter":
