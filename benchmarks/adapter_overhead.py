@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ from absl import app
 from absl import flags
 from flax import nnx
 
+from benchmarks.timing import median_seconds
 import lowrank_jax as lrj
 from lowrank_jax.adapters import init as lora_init
 
@@ -42,20 +41,6 @@ _IMPLEMENTATIONS = flags.DEFINE_list(
     "implementations", ["none"], "Adapter `implementation` values: none, xla, pallas, auto.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smallest setting: d=1024, r=8, 5 repeats.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/adapter_overhead.json", "JSON output path.")
-
-
-def median_seconds(calls, repeats: int) -> list[float]:
-  """Median time of each ``(fn, args)``, timed in alternation so drift hits all alike."""
-  for fn, args in calls:  # compile and warm up
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-  times = [[] for _ in calls]
-  for _ in range(repeats):
-    for i, (fn, args) in enumerate(calls):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[i].append(time.perf_counter() - start)
-  return [statistics.median(t) for t in times]
 
 
 def dense_step_fn(d: int):
