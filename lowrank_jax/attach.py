@@ -4,13 +4,15 @@ A rule is ``(regex, spec_or_None)``. Every submodule path of the model, the
 '/'-joined attribute names and list/dict keys (``'blocks/0/attn/query'``), is
 matched with ``re.fullmatch`` against the rules in order; the first matching
 rule decides: a spec wraps the module in that adapter, None leaves it alone.
-Modules inside an adapter (its ``base``) are not candidates.
+Modules inside an adapter (its ``base``) are not candidates. A rule's spec may
+also be a ``{name: spec}`` mapping: the module gets a `MultiAdapter` holding
+those named adapters (`lowrank_jax.adapters.multi`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -18,6 +20,7 @@ from flax import nnx
 
 from lowrank_jax.adapters import base as adapter_base
 from lowrank_jax.adapters import layers
+from lowrank_jax.adapters import multi
 
 Rule = tuple[str, "adapter_base.AdapterSpec | None"]
 
@@ -28,17 +31,17 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def _iter_modules(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Module]]:
-  """(path, module) for every submodule, not descending into adapters."""
-  inside_adapter: list[tuple[Any, ...]] = []
-  for path, node in nnx.iter_graph(model):
-    if not isinstance(node, nnx.Module) or not path:
-      continue
-    path = tuple(path)
-    if any(path[: len(p)] == p for p in inside_adapter):
-      continue
-    if isinstance(node, adapter_base.Adapter):
-      inside_adapter.append(path)
-    yield path, node
+  """(path, module) for every submodule, not descending into adapters.
+
+  ``nnx.iter_graph`` may yield children before their parents, so the adapter
+  paths are collected first.
+  """
+  nodes = [(tuple(path), node) for path, node in nnx.iter_graph(model)
+           if isinstance(node, nnx.Module) and path]
+  adapter_paths = [p for p, node in nodes if isinstance(node, adapter_base.Adapter)]
+  for path, node in nodes:
+    if not any(len(p) < len(path) and path[: len(p)] == p for p in adapter_paths):
+      yield path, node
 
 
 def _candidates(model: nnx.Module) -> list[str]:
@@ -66,8 +69,11 @@ def _compile_rules(rules: Sequence[Rule]) -> list[tuple[re.Pattern, Any]]:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
       raise TypeError(f"Rule {i} must be a (regex, spec or None) pair, got {rule!r}.")
     pattern, spec = rule
+    if isinstance(spec, Mapping):
+      spec = multi.MultiSpec(adapters=spec)
     if spec is not None and not isinstance(spec, adapter_base.AdapterSpec):
-      raise TypeError(f"Rule {i} ({pattern!r}): expected an AdapterSpec or None, got {spec!r}.")
+      raise TypeError(f"Rule {i} ({pattern!r}): expected an AdapterSpec, a {{name: spec}} "
+                      f"mapping or None, got {spec!r}.")
     try:
       compiled.append((re.compile(pattern), spec))
     except re.error as e:
@@ -114,8 +120,9 @@ def select(model: nnx.Module, rules: Sequence[Rule]
   return targets
 
 
-def attach(model: nnx.Module, rules: Sequence[Rule], *, rngs: nnx.Rngs,
-           calibration: Any = None) -> nnx.Module:
+def attach(model: nnx.Module, rules: Sequence[Rule] | str, *, rngs: nnx.Rngs,
+           calibration: Any = None,
+           adapters: Mapping[str, "adapter_base.AdapterSpec"] | None = None) -> nnx.Module:
   """Wrap the submodules of ``model`` selected by ``rules`` in adapters, in place.
 
   Args:
@@ -126,6 +133,9 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, rngs: nnx.Rngs,
       dropout (``dropout``).
     calibration: per-site statistics for inits that need data
       (`lowrank_jax.calibrate.collect`), passed to each spec's ``build``.
+    adapters: ``{name: spec}``: several named adapters per selected module (a
+      `MultiAdapter`); rules may then be bare regexes (or one regex), each
+      meaning ``(regex, adapters)``.
 
   State shared across layers (`AdapterSpec.shared_state`) is created once per
   distinct spec per call and handed to every ``build`` of that spec.
@@ -138,6 +148,9 @@ def attach(model: nnx.Module, rules: Sequence[Rule], *, rngs: nnx.Rngs,
       selecting an already adapted module, bad hyperparameters for a layer.
     UnsupportedLayerError: a rule selecting a module that is not linear-like.
   """
+  if adapters is not None:
+    rules = [rules] if isinstance(rules, str) else rules
+    rules = [(r, adapters) if isinstance(r, str) else r for r in rules]
   targets = select(model, rules)
   shared = _shared_states(targets, rngs)
   for path, name, module, spec in targets:

@@ -6,3 +6,6 @@ Each op (one file) has a jnp ``reference``, a TPU-style Pallas kernel, a
 """
 
 from lowrank_jax.kernels import lora_matmul
+from lowrank_jax.kernels import grouped_lora
+from lowrank_jax.kernels import newton_schulz
+from lowrank_jax.kernels import dora_norm
