@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax import calibrate
+from lowrank_jax.adapters import stats
 from lowrank_jax.adapters import base as adapter_base
 from lowrank_jax.adapters.dora import dora_column_norm
 from lowrank_jax.adapters.dora import dora_effective_matrix
@@ -197,7 +197,7 @@ class FactoredSpec(adapter_base.AdapterSpec):
 
   @property
   def calibration_needs(self) -> tuple[str, ...]:
-    """The `lowrank_jax.calibrate.SiteStats` fields `build` reads."""
+    """The `lowrank_jax.stats.SiteStats` fields `build` reads."""
     return ("grad",) if self.init == "gradient_svd" else ()
 
   @property
@@ -249,7 +249,7 @@ class FactoredSpec(adapter_base.AdapterSpec):
     self.validate(base, view, path)
     grad = None
     if self.init == "gradient_svd":
-      grad = calibrate.site_stats(calibration, path, self.name, "grad")
+      grad = stats.site_stats(calibration, path, self.name, "grad")
       if tuple(grad.shape) != (view.fan_in, view.fan_out):
         raise ValueError(f"{self.name} at '{path}': calibration grad has shape {tuple(grad.shape)}, "
                          f"expected (fan_in, fan_out) = ({view.fan_in}, {view.fan_out}).")

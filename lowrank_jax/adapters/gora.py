@@ -36,7 +36,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax import calibrate
+from lowrank_jax.adapters import stats
 from lowrank_jax.adapters import init as lora_init
 from lowrank_jax.adapters import layers
 from lowrank_jax.adapters.lora import LoRASpec
@@ -142,7 +142,7 @@ def allocate(model, calibration, rules, *, budget: int | None = None, importance
       raise ValueError(f"gora at '{name}': rank allocation needs a LoRA-family spec, got "
                        f"{type(spec).__name__}.")
     view = layers.view_of(module, name)
-    grad = calibrate.site_stats(calibration, name, "gora", "grad")
+    grad = stats.site_stats(calibration, name, "gora", "grad")
     if tuple(grad.shape) != (view.fan_in, view.fan_out):
       raise ValueError(f"gora at '{name}': calibration gradient of shape {tuple(grad.shape)} for a "
                        f"({view.fan_in}, {view.fan_out}) layer; collected on another model?")

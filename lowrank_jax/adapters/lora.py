@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowrank_jax import calibrate
+from lowrank_jax.adapters import stats
 from lowrank_jax.adapters import base as adapter_base
 from lowrank_jax.adapters import init as lora_init
 from lowrank_jax.adapters import layers
@@ -154,7 +154,7 @@ class LoRASpec(adapter_base.AdapterSpec):
     """The site's calibration gradient for gradient inits (None for the others)."""
     if not lora_init.needs_grad(self.init):
       return None
-    grad = calibrate.site_stats(calibration, path, f"{self.name} init={self.init!r}", "grad")
+    grad = stats.site_stats(calibration, path, f"{self.name} init={self.init!r}", "grad")
     if tuple(grad.shape) != (view.fan_in, view.fan_out):
       raise ValueError(
           f"{self.name} at '{path}': the calibration gradient has shape {tuple(grad.shape)}, the "

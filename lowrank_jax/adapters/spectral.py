@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax import calibrate
+from lowrank_jax.adapters import stats
 from lowrank_jax import linalg
 from lowrank_jax.adapters import base as adapter_base
 from lowrank_jax.adapters import layers
@@ -214,7 +214,7 @@ class LoCASpec(SpectralSpec):
 
   Attributes:
     init: 'random' locations, or 'gradient': the top-n of ``|D_in G D_out^T|``
-      for the calibration gradient G of the site (``calibrate.site_stats(...,
+      for the calibration gradient G of the site (``stats.site_stats(...,
       'grad')``).
     scale: the paper's alpha (default 1; the DCT basis is orthonormal, so a
       coefficient's update has Frobenius norm ``scale * |a|``).
@@ -232,7 +232,7 @@ class LoCASpec(SpectralSpec):
   def initial_locations(self, view, key, calibration, path):
     if self.init == "random":
       return random_locations(key, view.fan_in, view.fan_out, self.n_frequency)
-    grad = calibrate.site_stats(calibration, path, self.name, "grad")
+    grad = stats.site_stats(calibration, path, self.name, "grad")
     grad = jnp.asarray(grad).reshape(view.fan_in, view.fan_out)
     return top_locations(dct_frequency_gradient(grad, self.scale), self.n_frequency)
 
