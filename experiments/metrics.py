@@ -73,3 +73,34 @@ def plot_loss_curves(curves: dict[str, list[dict[str, float]]], path: str, title
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_grid(values: dict[tuple[str, str], float], path: str, title: str = "",
+              label: str = "final validation loss") -> None:
+  """A heatmap of ``values[(row, column)]`` (log color scale), each cell annotated, as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.colors  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = list(dict.fromkeys(r for r, _ in values))
+  columns = list(dict.fromkeys(c for _, c in values))
+  grid = np.full((len(rows), len(columns)), np.nan)
+  for (r, c), v in values.items():
+    grid[rows.index(r), columns.index(c)] = v
+  positive = grid[np.isfinite(grid) & (grid > 0)]
+  norm = (matplotlib.colors.LogNorm(positive.min(), positive.max()) if positive.size else None)
+  fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2.5, 0.32 * len(rows) + 1.5))
+  image = ax.imshow(grid, aspect="auto", cmap="viridis_r", norm=norm)
+  for i in range(len(rows)):
+    for j in range(len(columns)):
+      if np.isfinite(grid[i, j]):
+        ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=7, color="w")
+  ax.set_xticks(range(len(columns)), columns, fontsize=8)
+  ax.set_yticks(range(len(rows)), rows, fontsize=8)
+  fig.colorbar(image, ax=ax, label=label)
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

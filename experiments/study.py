@@ -12,7 +12,10 @@ trained once first, in ``workdir/pretrain``, and every run starts from it
 ``workdir/<label>/seed<k>`` (resuming if it was interrupted), then the study writes
 ``results.csv`` (one row per run and seed), ``results.md`` (mean and spread over
 seeds: final validation loss, trainable parameters, optimizer-state bytes,
-steps/s) and ``comparison.png`` (validation loss curves).
+steps/s) and ``comparison.png`` (validation loss curves). When every label
+reads ``row/column`` (e.g. ``lora/low_rank``: a method on a task), the study also
+writes ``grid.md`` (mean final validation loss, rows by columns) and ``grid.png``
+(the same as a heatmap).
 """
 
 from __future__ import annotations
@@ -90,7 +93,40 @@ def run_study(study, workdir: str) -> list[dict]:
   metrics.plot_loss_curves(curves, os.path.join(workdir, "comparison.png"),
                            title=f"{study.name}: validation loss (seed {study.seeds[0]})")
   print(table)
+  grid = grid_values(rows)
+  if grid:
+    with open(os.path.join(workdir, "grid.md"), "w") as f:
+      f.write(f"# {study.name}: mean final validation loss\n\n{grid_table(grid)}\n")
+    metrics.plot_grid(grid, os.path.join(workdir, "grid.png"),
+                      title=f"{study.name}: mean final validation loss over seeds {tuple(study.seeds)}")
+    print(grid_table(grid))
   return rows
+
+
+def grid_values(rows: list[dict]) -> dict[tuple[str, str], float]:
+  """``{(row, column): mean val_loss}`` when every label is 'row/column', else {}."""
+  if not rows or not all(r["label"].count("/") == 1 for r in rows):
+    return {}
+  losses: dict[tuple[str, str], list[float]] = {}
+  for r in rows:
+    losses.setdefault(tuple(r["label"].split("/")), []).append(r["val_loss"])
+  return {key: statistics.mean(v) for key, v in losses.items()}
+
+
+def grid_table(grid: dict[tuple[str, str], float]) -> str:
+  """A markdown table of `grid_values`, the best (lowest) entry of each column in bold."""
+  rows = list(dict.fromkeys(r for r, _ in grid))
+  columns = list(dict.fromkeys(c for _, c in grid))
+  best = {c: min(v for (_, col), v in grid.items() if col == c) for c in columns}
+  lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+  for r in rows:
+    cells = []
+    for c in columns:
+      value = grid.get((r, c))
+      text = "" if value is None else f"{value:.4g}"
+      cells.append(f"**{text}**" if value is not None and value == best[c] else text)
+    lines.append(f"| {r} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:

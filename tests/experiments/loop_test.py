@@ -178,3 +178,19 @@ def test_study_run_replaces_method_and_adapter_hyperparameters():
   assert loop.adapter_rules(config)[0][1] == lrj.adapters.dora(rank=2, detach_norm=False)
   with pytest.raises(ValueError, match="need a 'method'"):
     study_lib.run_config(dict(label="x", config="teacher_student", adapter=dict(rank=2)), seed=0)
+
+
+def test_expressivity_study_budgets_and_grid(tmp_path):
+  from experiments import study as study_lib
+  from configs import study_expressivity
+  # Every method of the full study gets about the LoRA rank-4 budget on the 64 x 64 layer.
+  budget = lrj.adapters.lora(rank=4).num_params(64, 64)
+  for method, hyperparameters in study_expressivity.METHODS.values():
+    params = lrj.adapters.get(method, **hyperparameters).num_params(64, 64)
+    assert 0.9 * budget <= params <= 1.15 * budget, (method, params)
+  study = study_expressivity.get_config("runlocal=true")
+  rows = study_lib.run_study(study, str(tmp_path))
+  assert len(rows) == 2 * len(study_expressivity.KINDS)
+  grid = (tmp_path / "grid.md").read_text()
+  assert "| dora |" in grid and "frequency_sparse" in grid
+  assert (tmp_path / "grid.png").stat().st_size > 1000
