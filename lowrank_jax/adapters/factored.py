@@ -173,6 +173,9 @@ class FactoredSpec(adapter_base.AdapterSpec):
                        f"'gaussian', got {self.core_init!r}.")
     if self.ramp_steps < 0:
       raise ValueError(f"{name}: ramp_steps must be >= 0, got {self.ramp_steps!r}.")
+    if self.ramp_steps and self.residual:
+      raise ValueError(f"{name}: residual=True subtracts the initial update, which a ramp "
+                       "(ramp_steps > 0) would scale; use one or the other.")
     if self.mask_copies < 0 or not 0.0 < self.mask_density <= 1.0:
       raise ValueError(f"{name}: mask_copies must be >= 0 and mask_density in (0, 1], got "
                        f"{self.mask_copies!r}, {self.mask_density!r}.")
@@ -299,10 +302,10 @@ class Factored(adapter_base.Adapter):
     dtype = spec.param_dtype or base.kernel.dtype
     w0 = view.to_matrix(base.kernel[...]).astype(jnp.float32)
     key_outer, key_core, key_pattern, key_masks = jax.random.split(rngs.params(), 4)
-    rows = max(fan_in, fan_out) if spec.tie else fan_in
-    outer = factored_init.outer_factors(
-        spec.init, key_outer, w0 if not spec.tie else jnp.zeros((rows, fan_out)), k, grad=grad,
-        update_lr=spec.update_lr, std=spec.factor_std)
+    # A tied factor has max(fan_in, fan_out) rows; its (random) init only reads the shape.
+    shape_source = jnp.zeros((max(fan_in, fan_out), fan_out)) if spec.tie else w0
+    outer = factored_init.outer_factors(spec.init, key_outer, shape_source, k, grad=grad,
+                                        update_lr=spec.update_lr, std=spec.factor_std)
     a, b = outer.a, outer.b
     if spec.sigma == "a":
       a = a * outer.sigma[None, :]
@@ -355,8 +358,7 @@ class Factored(adapter_base.Adapter):
       base.kernel[...] = view.from_matrix(w_res).astype(base.kernel.dtype)
     magnitude = None
     if spec.magnitude:
-      norm = dora_column_norm(self.view.to_matrix(base.kernel[...]), *self.factor_pair(),
-                                   self.spec.scale)
+      norm = dora_column_norm(view.to_matrix(base.kernel[...]), *self.factor_pair(), spec.scale)
       magnitude = _leaf(norm.astype(dtype), "magnitude" in train)
     self.magnitude = magnitude
     self.bias_delta = (adapter_base.AdapterParam(jnp.zeros(view.out_shape, dtype))

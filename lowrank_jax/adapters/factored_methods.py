@@ -49,8 +49,11 @@ class LoRASBSpec(FactoredSpec):
   moves W by ``s^2 B B^T G A^T A`` per unit step: the projection of the full
   gradient onto the fixed subspaces (tested). Differences: R = S_r with no
   1/s rescale, and W0 is not compensated (``residual=True`` compensates), both
-  unverified against the reference; the mean gradient replaces the sum (the
-  sign is the same).
+  unverified against the reference (its init function is not public in the
+  code we read); the mean gradient replaces the sum (the sign is the same).
+  The reference's GLUE script sets the approximation's lr to
+  ``lr / (warmup_ratio * total_steps)`` from 2 samples; here it is
+  ``update_lr``.
   """
 
   name = "lora_sb"
