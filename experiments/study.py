@@ -4,7 +4,9 @@
 
 A study config has ``name``, ``seeds``, ``runs`` and optionally ``pretrain``: each
 run is a dict with a ``label``, the ``config`` file name in configs/, its ``arg``
-string and ``overrides`` ({'a.b': value}). A ``pretrain`` run (same form) is
+string and ``overrides`` ({'a.b': value}); ``method`` and ``adapter`` (a dict of
+hyperparameters) replace the config's adapter method and hyperparameters, for
+methods whose hyperparameters the config's arg does not name. A ``pretrain`` run (same form) is
 trained once first, in ``workdir/pretrain``, and every run starts from it
 (``init_from``). Every (run, seed) trains in
 ``workdir/<label>/seed<k>`` (resuming if it was interrupted), then the study writes
@@ -23,6 +25,7 @@ import statistics
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/study_quick.py", "Study config.")
@@ -38,6 +41,11 @@ def run_config(run: dict, seed: int):
   config = module.get_config(run.get("arg") or None)
   with config.unlocked():
     config.seed = seed
+    if "method" in run:
+      config.method = run["method"]
+      config.adapter = ml_collections.ConfigDict(dict(run.get("adapter", {})))
+    elif "adapter" in run:
+      raise ValueError(f"Run {run['label']!r}: 'adapter' hyperparameters need a 'method'.")
     for dotted, value in run.get("overrides", {}).items():
       target = config
       *parents, leaf = dotted.split(".")

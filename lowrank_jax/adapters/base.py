@@ -88,11 +88,21 @@ class Adapter(nnx.Module):
     ``mergeable``: the adapted layer is a fixed linear map that one kernel can
       hold. False for input-dependent updates (mixtures routed per token):
       `merge`, `delta` and `effective_kernel` then raise.
+    `replaces_base_kernel`: building the adapter overwrote the base kernel.
   """
 
   identity_at_init: ClassVar[bool] = True
   additive: ClassVar[bool] = True
   mergeable: ClassVar[bool] = True
+
+  @property
+  def replaces_base_kernel(self) -> bool:
+    """Whether building the adapter replaced the base kernel (e.g. by an SVD residual).
+
+    Then ``self.base.kernel`` is no longer the original weight, so an update
+    expressed against it only applies to a base holding the same residual.
+    """
+    return False
 
   def __init__(self, base: nnx.Module, spec: AdapterSpec, view: layers.LayerView,
                path: str = ""):

@@ -128,6 +128,10 @@ class LoRA(adapter_base.Adapter):
   def scale(self) -> float:
     return self.spec.scale
 
+  @property
+  def replaces_base_kernel(self) -> bool:
+    return lora_init.is_weight_aware(self.spec.init)
+
   def adapter_input(self, x: Array) -> Array:
     return self.dropout(x) if self.dropout is not None else x
 

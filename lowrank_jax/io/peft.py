@@ -16,14 +16,19 @@ base model recomputes the same residual base weight before the trained factors
 are loaded (exact for the deterministic inits pissa and olora; the randomized
 'pissa_niter_<k>' residual depends on the random sketch). MiLoRA has no PEFT
 init and is refused with a clear error.
+
+Methods PEFT's LoRA format cannot hold exactly are exported, on request
+(``approximate_rank=r``), as the closest rank-r LoRA of their weight update,
+with the approximation error reported.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from flax import nnx
@@ -37,6 +42,7 @@ from lowrank_jax.attach import attach
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+APPROXIMATION_NAME = "approximation.json"
 _PREFIX = "base_model.model."
 # Our init names -> PEFT's init_lora_weights values.
 # MiLoRA has no PEFT init, so PEFT could not rebuild its residual base: not exportable.
@@ -98,55 +104,145 @@ def _uniform(values: dict[str, Any], what: str):
   return distinct.pop()
 
 
+class _Site(NamedTuple):
+  """One exported module: LoRA factors in our layout and the PEFT options they need."""
+
+  path: str
+  view: layers.LayerView
+  a: np.ndarray
+  b: np.ndarray
+  rank: int
+  alpha: float
+  bias: np.ndarray | None
+  magnitude: np.ndarray | None
+
+
+def _exact_site(path: str, adapter) -> _Site:
+  spec = adapter.spec
+  return _Site(path, adapter.view, np.asarray(adapter.lora_a[...], np.float32),
+               np.asarray(adapter.lora_b[...], np.float32), spec.rank,
+               float(spec.rank if spec.alpha is None else spec.alpha),
+               None if adapter.lora_bias is None
+               else np.asarray(adapter.lora_bias[...], np.float32).reshape(-1),
+               np.asarray(adapter.magnitude[...], np.float32) if isinstance(spec, DoRASpec) else None)
+
+
+def _approximate_site(path: str, adapter, rank: int, rslora: bool) -> tuple[_Site, float]:
+  """The rank-``rank`` LoRA closest (Frobenius) to the adapter's update, and its relative error.
+
+  The update is ``effective_kernel - base.kernel`` in the (fan_in, fan_out)
+  view; its truncated SVD ``U_r S_r V_r^T`` gives ``a = U_r S_r^(1/2)``,
+  ``b = S_r^(1/2) V_r^T`` with alpha chosen so that the LoRA scale is 1.
+  """
+  if adapter.replaces_base_kernel:
+    raise PeftFormatError(
+        f"Adapter '{path}' ({adapter.spec.name}) replaced its base kernel at attach, so its update "
+        "does not apply to the original torch weights; merge it (lrj.merge) and save the merged "
+        "model instead.")
+  view = adapter.view
+  w0 = np.asarray(view.to_matrix(adapter.base.kernel[...]), np.float64)
+  delta = np.asarray(view.to_matrix(adapter.effective_kernel()), np.float64) - w0
+  rank = min(rank, view.fan_in, view.fan_out)
+  u, s, vt = np.linalg.svd(delta, full_matrices=False)
+  root = np.sqrt(s[:rank])
+  a, b = (u[:, :rank] * root).astype(np.float32), (root[:, None] * vt[:rank]).astype(np.float32)
+  total = float(np.sum(s**2))
+  error = float(np.sqrt(np.sum(s[rank:]**2) / total)) if total > 0 else 0.0
+  merged = nnx.clone(adapter).merge()
+  bias = None
+  if getattr(merged, "bias", None) is not None:
+    base_bias = (np.zeros(merged.bias.shape, np.float32) if adapter.base.bias is None
+                 else np.asarray(adapter.base.bias[...], np.float32))
+    bias_delta = np.asarray(merged.bias[...], np.float32) - base_bias
+    bias = bias_delta.reshape(-1) if np.any(bias_delta) else None
+  alpha = math.sqrt(rank) if rslora else float(rank)
+  return _Site(path, view, a, b, rank, alpha, bias, None), error
+
+
 def export_peft(model: nnx.Module, directory: str, *, module_prefix: str = "",
-                base_model_name_or_path: str | None = None) -> None:
-  """Write the LoRA/DoRA adapters of ``model`` as a PEFT adapter directory.
+                base_model_name_or_path: str | None = None,
+                approximate_rank: int | None = None) -> dict[str, float]:
+  """Write the adapters of ``model`` as a PEFT LoRA adapter directory.
+
+  LoRA and DoRA adapters are written exactly. Adapters of other methods are
+  refused, unless ``approximate_rank`` is given: then each is written as the
+  rank-``approximate_rank`` LoRA closest to its weight update (truncated SVD of
+  ``effective_kernel - base kernel``; a changed bias goes to ``lora_B.bias``),
+  and its relative Frobenius error ``||dW - dW_r|| / ||dW||`` is returned and
+  written to ``approximation.json`` beside the adapter.
 
   Args:
-    model: an NNX model with LoRA or DoRA adapters (one kind throughout).
+    model: an NNX model with adapters (LoRA and DoRA are not mixed).
     directory: output directory (created).
     module_prefix: prepended to our dotted paths to form the torch module names
       (e.g. 'bert.' when the torch model wraps ours as ``.bert``).
     base_model_name_or_path: recorded in the config.
+    approximate_rank: rank of the LoRA that approximates adapters PEFT's LoRA
+      format cannot hold exactly; None refuses them.
+
+  Returns:
+    ``{path: relative error}`` of the approximated sites (empty if none).
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
   sites = adapter_sites(model)
   if not sites:
     raise PeftFormatError("The model has no adapters to export.")
-  for path, adapter in sites:
-    if type(adapter.spec) not in (LoRASpec, DoRASpec):
-      raise PeftFormatError(
-          f"Adapter '{path}' is {adapter.spec.name}; the PEFT exporter supports lora and dora. "
-          "Merge it (lrj.merge) and export the merged model instead.")
-  specs = {path: adapter.spec for path, adapter in sites}
-  use_dora = _uniform({p: isinstance(s, DoRASpec) for p, s in specs.items()}, "use_dora")
-  use_rslora = _uniform({p: s.rslora for p, s in specs.items()}, "use_rslora")
-  dropout = _uniform({p: s.dropout for p, s in specs.items()}, "lora_dropout")
-  use_bias = _uniform({p: s.use_bias for p, s in specs.items()}, "lora_bias")
-  init = _uniform({p: _peft_init(s.init) for p, s in specs.items()}, "init_lora_weights")
-  ranks = {p: s.rank for p, s in specs.items()}
-  alphas = {p: float(s.rank if s.alpha is None else s.alpha) for p, s in specs.items()}
+  if approximate_rank is not None and (not isinstance(approximate_rank, int) or approximate_rank < 1):
+    raise PeftFormatError(f"approximate_rank must be a positive integer, got {approximate_rank!r}.")
+  exact = {path: adapter for path, adapter in sites if type(adapter.spec) in (LoRASpec, DoRASpec)}
+  others = [(path, adapter) for path, adapter in sites if path not in exact]
+  if others and approximate_rank is None:
+    path, adapter = others[0]
+    raise PeftFormatError(
+        f"Adapter '{path}' is {adapter.spec.name}; PEFT's LoRA format holds lora and dora exactly. "
+        "Pass approximate_rank=r to export it as its closest rank-r LoRA (the error is reported), "
+        "or merge it (lrj.merge) and export the merged model instead.")
+  specs = {path: adapter.spec for path, adapter in exact.items()}
+  use_dora = bool(_uniform({p: isinstance(s, DoRASpec) for p, s in specs.items()}, "use_dora")) if specs else False
+  if use_dora and others:
+    raise PeftFormatError(f"PEFT stores one use_dora per adapter; DoRA sites cannot be exported "
+                          f"beside approximated {others[0][1].spec.name} sites such as '{others[0][0]}'.")
+  use_rslora = _uniform({p: s.rslora for p, s in specs.items()}, "use_rslora") if specs else False
+  dropout = _uniform({p: s.dropout for p, s in specs.items()}, "lora_dropout") if specs else 0.0
+  init = _uniform({p: _peft_init(s.init) for p, s in specs.items()}, "init_lora_weights") if specs else True
+  if others and init is not True:
+    raise PeftFormatError(f"PEFT applies init_lora_weights={init!r} to every target, including the "
+                          f"approximated sites such as '{others[0][0]}'; export them separately.")
+  exported = [_exact_site(path, adapter) for path, adapter in exact.items()]
+  errors = {}
+  for path, adapter in others:
+    site, errors[path] = _approximate_site(path, adapter, approximate_rank, use_rslora)
+    exported.append(site)
+  if specs:
+    use_bias = _uniform({p: s.use_bias for p, s in specs.items()}, "lora_bias")
+  else:
+    use_bias = any(site.bias is not None for site in exported)
+  for site in exported:
+    if site.bias is not None and not use_bias:
+      raise PeftFormatError(f"Adapter '{site.path}' changes the layer bias, which needs lora_bias=True "
+                            "on every target; the exactly exported LoRA sites have no bias.")
+  ranks = {site.path: site.rank for site in exported}
+  alphas = {site.path: site.alpha for site in exported}
   rank = max(set(ranks.values()), key=list(ranks.values()).count)
   alpha = max(set(alphas.values()), key=list(alphas.values()).count)
 
   tensors = {}
-  for path, adapter in sites:
-    name = _torch_name(path, module_prefix)
-    a_t, b_t = _factor_to_torch(adapter.view, np.asarray(adapter.lora_a[...], np.float32),
-                                np.asarray(adapter.lora_b[...], np.float32))
+  for site in sorted(exported, key=lambda site: site.path):
+    name = _torch_name(site.path, module_prefix)
+    a_t, b_t = _factor_to_torch(site.view, site.a, site.b)
     tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a_t)
     tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b_t)
     if use_bias:
-      tensors[f"{_PREFIX}{name}.lora_B.bias"] = np.asarray(adapter.lora_bias[...], np.float32).reshape(-1)
+      tensors[f"{_PREFIX}{name}.lora_B.bias"] = (
+          np.zeros(site.view.fan_out, np.float32) if site.bias is None else site.bias)
     if use_dora:
-      magnitude = np.asarray(adapter.magnitude[...], np.float32)
-      tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude
+      tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = site.magnitude
   config = dict(
       peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path,
       r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=use_dora, use_rslora=use_rslora,
       lora_bias=use_bias, bias="none", fan_in_fan_out=False, init_lora_weights=init,
-      target_modules=sorted(_torch_name(p, module_prefix) for p in specs),
+      target_modules=sorted(_torch_name(p, module_prefix) for p in ranks),
       rank_pattern={_torch_name(p, module_prefix): r for p, r in ranks.items() if r != rank},
       alpha_pattern={_torch_name(p, module_prefix): a for p, a in alphas.items() if a != alpha},
       modules_to_save=None, inference_mode=True)
@@ -154,6 +250,11 @@ def export_peft(model: nnx.Module, directory: str, *, module_prefix: str = "",
   safetensors.numpy.save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
   with open(os.path.join(directory, CONFIG_NAME), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
+  if errors:
+    with open(os.path.join(directory, APPROXIMATION_NAME), "w") as f:
+      json.dump({"rank": approximate_rank, "relative_error": {
+          _torch_name(p, module_prefix): e for p, e in errors.items()}}, f, indent=2, sort_keys=True)
+  return errors
 
 
 def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:

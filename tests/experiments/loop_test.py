@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+import lowrank_jax as lrj
 from experiments import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -165,3 +166,15 @@ def test_study_writes_table_csv_and_plot(tmp_path):
   assert "| pissa | 2 |" in table
   assert (tmp_path / "comparison.png").stat().st_size > 1000
   assert len((tmp_path / "results.csv").read_text().splitlines()) == 9
+
+
+def test_study_run_replaces_method_and_adapter_hyperparameters():
+  from experiments import study as study_lib
+  run = dict(label="dora_r2", config="teacher_student", arg="method=lora,rank=4",
+             method="dora", adapter=dict(rank=2, detach_norm=False))
+  config = study_lib.run_config(run, seed=3)
+  assert config.method == "dora" and config.seed == 3 and config.is_locked
+  assert config.adapter.to_dict() == {"rank": 2, "detach_norm": False}
+  assert loop.adapter_rules(config)[0][1] == lrj.adapters.dora(rank=2, detach_norm=False)
+  with pytest.raises(ValueError, match="need a 'method'"):
+    study_lib.run_config(dict(label="x", config="teacher_student", adapter=dict(rank=2)), seed=0)

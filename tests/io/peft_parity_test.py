@@ -301,3 +301,88 @@ def test_export_rejects_mixed_lora_and_dora(tmp_path):
              rngs=nnx.Rngs(0))
   with pytest.raises(lrj_io.PeftFormatError, match="one use_dora per adapter"):
     lrj_io.export_peft(net, str(tmp_path))
+
+
+# -- methods without a PEFT format: export as the closest rank-r LoRA ---------------
+
+
+class _DenseDeltaSpec(lrj.AdapterSpec):
+  """A test-only method: a full trainable (fan_in, fan_out) update and bias update."""
+
+  name = "dense_delta_for_test"
+
+  def build(self, base, *, rngs, calibration=None, path=""):
+    return _DenseDelta(base, self, lrj.adapters.view_of(base, path), path)
+
+  def num_params(self, fan_in, fan_out):
+    return fan_in * fan_out + fan_out
+
+
+class _DenseDelta(lrj.adapters.Adapter):
+
+  def __init__(self, base, spec, view, path):
+    super().__init__(base, spec, view, path)
+    self.update = lrj.AdapterParam(jnp.zeros((view.fan_in, view.fan_out)))
+    self.bias_update = lrj.AdapterParam(jnp.zeros((view.fan_out,)))
+
+  def delta_matrix(self):
+    return self.update[...]
+
+  def adapter_forward(self, x, **kwargs):
+    return self.base(x, **kwargs) + x @ self.update[...] + self.bias_update[...]
+
+  def merge(self):
+    merged = super().merge()
+    merged.bias[...] = merged.bias[...] + self.bias_update[...]
+    return merged
+
+
+def _low_rank_updates(net, rank, seed=20):
+  """Give every _DenseDelta site an update of exactly ``rank`` plus a bias update."""
+  rng = np.random.default_rng(seed)
+  for _, adapter in adapter_sites(net):
+    fan_in, fan_out = adapter.view.fan_in, adapter.view.fan_out
+    u, v = rng.standard_normal((fan_in, rank)), rng.standard_normal((rank, fan_out))
+    adapter.update[...] = jnp.asarray(0.2 * u @ v, jnp.float32)
+    adapter.bias_update[...] = jnp.asarray(rng.standard_normal(fan_out), jnp.float32)
+
+
+def test_other_methods_export_as_the_closest_low_rank_lora(tmp_path):
+  torch_net, net = _twins(seed=14)
+  lrj.attach(net, [(r"layers/\d/(query|value)|out", _DenseDeltaSpec())], rngs=nnx.Rngs(0))
+  _low_rank_updates(net, rank=2)
+  with pytest.raises(lrj_io.PeftFormatError, match="approximate_rank"):
+    lrj_io.export_peft(net, str(tmp_path / "refused"))
+  x = _x(seed=15)
+  ours = np.asarray(net(jnp.asarray(x)))
+
+  # An update of rank 2 is held exactly by rank-2 LoRA factors (bias via lora_B.bias).
+  errors = lrj_io.export_peft(net, str(tmp_path / "exact"), approximate_rank=2)
+  assert set(errors) == {t.replace(".", "/") for t in TARGETS}
+  assert max(errors.values()) < 1e-5
+  loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path / "exact")).double()
+  np.testing.assert_allclose(_torch_out(loaded, x), ours, rtol=1e-4, atol=1e-4)
+
+  # At rank 1 the file holds the best rank-1 update, and the reported error is its error.
+  torch_net, _ = _twins(seed=14)
+  errors = lrj_io.export_peft(net, str(tmp_path / "rank1"), approximate_rank=1)
+  report = json.load(open(tmp_path / "rank1" / "approximation.json"))
+  assert report["rank"] == 1 and report["relative_error"]["out"] == pytest.approx(errors["out"])
+  adapter = dict(adapter_sites(net))["out"]
+  delta = np.asarray(adapter.update[...], np.float64)
+  u, s, vt = np.linalg.svd(delta, full_matrices=False)
+  assert errors["out"] == pytest.approx(s[1] / np.sqrt(np.sum(s**2)), rel=1e-4)
+  loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path / "rank1")).double()
+  merged = loaded.merge_and_unload()
+  expected = np.asarray(adapter.base.kernel[...], np.float64) + s[0] * np.outer(u[:, 0], vt[0])
+  np.testing.assert_allclose(merged.out.weight.detach().numpy().T, expected, atol=1e-5)
+
+
+def test_approximate_export_refuses_replaced_base_kernels_and_mixed_inits(tmp_path):
+  _, net = _twins()
+  lrj.attach(net, [("out", _DenseDeltaSpec()), (r"layers/0/query", lrj.adapters.lora(rank=2, init="pissa"))],
+             rngs=nnx.Rngs(0))
+  with pytest.raises(lrj_io.PeftFormatError, match="init_lora_weights='pissa'"):
+    lrj_io.export_peft(net, str(tmp_path), approximate_rank=2)
+  with pytest.raises(lrj_io.PeftFormatError, match="positive integer"):
+    lrj_io.export_peft(net, str(tmp_path), approximate_rank=0)
