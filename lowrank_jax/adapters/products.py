@@ -649,5 +649,9 @@ class SoKA(KroneckerSumAdapter):
     self.soka_a = adapter_base.AdapterParam(a.astype(dtype))
     self.soka_b = adapter_base.AdapterParam(b.astype(dtype))
 
+  @property
+  def replaces_base_kernel(self) -> bool:
+    return True  # the base holds the KPSVD residual
+
   def kron_factors(self):
     return self.soka_a[...], self.soka_b[...]
