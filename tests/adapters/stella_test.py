@@ -1,7 +1,6 @@
 """StelLA adapter: the factor layout, inits and the official (uncompensated) start."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
