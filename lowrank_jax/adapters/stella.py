@@ -13,20 +13,21 @@ of the paper's S (or (r,) with ``diag_s``). U and V stay on the manifold only
 when trained with `lowrank_jax.optim.riemannian.stiefel`, which selects them
 by these names.
 
-Initialization, as the official code (SonyResearch/stella): U and V random
-orthonormal ('random') or the top/bottom singular vectors of W0
-('svd_major'/'svd_minor'), and S = I. The official code does not change W0,
-so the layer starts at ``W0 + s V U^T``; here ``compensate=True`` (the
-default) stores ``W0 - s V U^T`` in the frozen base so the adapted layer
-starts at the base function, and ``compensate=False`` is the official
-behaviour.
+Initialization: U and V random orthonormal ('random') or the top/bottom
+singular vectors of W0 ('svd_major'/'svd_minor'). S = I with W0 unchanged is
+the official code (SonyResearch/stella), so the layer starts at
+``W0 + s V U^T`` and not at the base function (``identity_at_init`` is False).
+Options: ``s_init='zero'`` starts at the base function with S = 0 (U and V
+then get no gradient on the first step); ``compensate=True`` keeps S = I and
+stores ``W0 - s V U^T`` in the frozen base, which also starts at the base
+function but makes the adapter learn ``dW* + s V0 U0^T``, of rank up to 2r
+(measured: a rank-4 teacher update is then fit far worse at rank 4).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -40,8 +41,8 @@ from lowrank_jax.adapters.lora import lora_scale
 
 Array = jax.Array
 
-STIEFEL_LEAVES = ("stella_u", "stella_v")
 INITS = ("random", "svd_major", "svd_minor")
+S_INITS = ("identity", "zero")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -67,10 +68,12 @@ class StellaSpec(adapter_base.AdapterSpec):
     alpha: scaling numerator (``s = alpha / r``); None means alpha = r.
     rslora: ``s = alpha / sqrt(r)``.
     init: 'random' (orthonormal U, V), 'svd_major' or 'svd_minor' (singular
-      vectors of W0); S = I in every case.
+      vectors of W0).
+    s_init: 'identity' (S = I, official) or 'zero' (S = 0: the layer starts at
+      the base function).
     diag_s: S is a trainable diagonal (r,) instead of a full (r, r) matrix.
-    compensate: replace the frozen W0 by ``W0 - s V U^T`` so the adapted layer
-      starts at the base function (False: the official code's start).
+    compensate: with S = I, replace the frozen W0 by ``W0 - s V U^T`` so the
+      adapted layer starts at the base function (False: the official start).
     dropout: dropout rate on the adapter input.
     param_dtype: dtype of the adapter leaves; None uses the base kernel's.
   """
@@ -80,8 +83,9 @@ class StellaSpec(adapter_base.AdapterSpec):
   alpha: float | None = None
   rslora: bool = False
   init: str = "random"
+  s_init: str = "identity"
   diag_s: bool = False
-  compensate: bool = True
+  compensate: bool = False
   dropout: float = 0.0
   param_dtype: Any = None
 
@@ -92,6 +96,11 @@ class StellaSpec(adapter_base.AdapterSpec):
       raise ValueError(f"stella: alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}.")
     if self.init not in INITS:
       raise ValueError(f"stella: unknown init {self.init!r}; known: {list(INITS)}.")
+    if self.s_init not in S_INITS:
+      raise ValueError(f"stella: unknown s_init {self.s_init!r}; known: {list(S_INITS)}.")
+    if self.compensate and self.s_init == "zero":
+      raise ValueError("stella: compensate=True needs s_init='identity' (with S = 0 there is "
+                       "nothing to compensate).")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"stella: dropout must be in [0, 1), got {self.dropout!r}.")
 
@@ -114,11 +123,13 @@ class StellaSpec(adapter_base.AdapterSpec):
 
 
 class Stella(adapter_base.Adapter):
-  """A StelLA adapter (see the module docstring).
+  """A StelLA adapter (see the module docstring); by default it starts at W0 + s V U^T.
 
   Leaves: ``stella_v`` (fan_in, r), ``stella_s`` (r, r) or (r,), ``stella_u``
   (fan_out, r).
   """
+
+  identity_at_init = False
 
   def __init__(self, base: nnx.Module, spec: StellaSpec, view: layers.LayerView, path: str = "",
                *, rngs: nnx.Rngs):
@@ -126,6 +137,8 @@ class Stella(adapter_base.Adapter):
     w0 = view.to_matrix(base.kernel[...]).astype(jnp.float32)
     v, u = stella_factors(spec.init, rngs.params(), w0, spec.rank)
     s = jnp.ones((spec.rank,)) if spec.diag_s else jnp.eye(spec.rank)
+    if spec.s_init == "zero":
+      s = jnp.zeros_like(s)
     dtype = spec.param_dtype or base.kernel.dtype
     sharding = adapter_base.sharding_for_factors(base, view)
     self.stella_v = adapter_base.AdapterParam(v.astype(dtype), **sharding["a"])

@@ -1,6 +1,5 @@
 """Gradient inits of LoRA (LoRA-GA, LoRA-One, GoRA) and GoRA's rank allocation."""
 
-import re
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """StelLA adapter: the factor layout, inits and the official (uncompensated) start."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -40,6 +39,17 @@ def test_factors_orthonormal_and_uncompensated_start(init):
     np.testing.assert_allclose(np.abs(u.T @ right_t[cols].T), np.eye(3), atol=1e-4)
 
 
+@pytest.mark.parametrize("hp", [dict(s_init="zero"), dict(compensate=True)])
+def test_options_that_start_at_the_base_function(hp):
+  model = _Host()
+  x = jax.random.normal(jax.random.key(3), (5, 12))
+  y0 = model(x)
+  lrj.attach(model, [("layer", lrj.adapters.stella(rank=3, **hp))], rngs=nnx.Rngs(4))
+  np.testing.assert_allclose(model(x), y0, rtol=1e-5, atol=1e-5)
+  s = model.layer.stella_s[...]
+  np.testing.assert_array_equal(s, np.zeros((3, 3)) if hp.get("s_init") else np.eye(3))
+
+
 def test_diag_s_and_bad_input():
   model = _Host()
   lrj.attach(model, [("layer", lrj.adapters.stella(rank=2, diag_s=True))], rngs=nnx.Rngs(0))
@@ -48,3 +58,5 @@ def test_diag_s_and_bad_input():
     lrj.attach(_Host(), [("layer", lrj.adapters.stella(rank=11))], rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="unknown init"):
     lrj.adapters.stella(init="pissa")
+  with pytest.raises(ValueError, match="needs s_init='identity'"):
+    lrj.adapters.stella(s_init="zero", compensate=True)

@@ -7,7 +7,6 @@ import optax
 import pytest
 
 import lowrank_jax as lrj
-from lowrank_jax.optim import lora as lora_optim
 
 S = 2.0  # adapter scale
 
