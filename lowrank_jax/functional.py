@@ -284,7 +284,10 @@ class AdaptedApply:
       module.eval()
     else:
       module.train()
-      nnx.reseed(module, dropout=jax.random.fold_in(dropout_key, sorted(self.sites).index(name)))
+      site_key = jax.random.fold_in(dropout_key, sorted(self.sites).index(name))
+      # Dropout draws from the 'dropout' stream, or from 'default' where adapt's
+      # nnx.Rngs(key) has no 'dropout' stream.
+      nnx.reseed(module, dropout=site_key, default=site_key)
     return module
 
   # -- the call ---------------------------------------------------------------------------

@@ -317,3 +317,20 @@ def test_linen_vit_twin_matches_nnx_vit_with_adapters():
   nnx.update(model, state)
   # Both eager: jit may fuse differently on either side, beyond 1e-6 after two blocks.
   np.testing.assert_allclose(adapted(trained, variables, x), model(x), **TOL)
+
+
+def test_adapter_dropout_only_with_a_dropout_key():
+  _, linen, variables, x = _models("linear", 3)
+  adapted, adapter_params = functional.adapt(
+      linen.apply, variables, [("params/layer", lrj.adapters.lora(rank=2, dropout=0.5))],
+      key=jax.random.key(0))
+  trained = _randomized(adapter_params, 1)
+  deterministic = adapted(trained, variables, x)
+  np.testing.assert_array_equal(deterministic, adapted(trained, variables, x))
+  first = adapted(trained, variables, x, dropout_key=jax.random.key(1))
+  second = adapted(trained, variables, x, dropout_key=jax.random.key(2))
+  assert float(jnp.abs(first - deterministic).max()) > 1e-3
+  assert float(jnp.abs(first - second).max()) > 1e-3
+  np.testing.assert_allclose(
+      jax.jit(lambda ap, k: adapted(ap, variables, x, dropout_key=k))(trained, jax.random.key(1)),
+      first, rtol=1e-5, atol=1e-5)
