@@ -334,3 +334,28 @@ def test_adapter_dropout_only_with_a_dropout_key():
   np.testing.assert_allclose(
       jax.jit(lambda ap, k: adapted(ap, variables, x, dropout_key=k))(trained, jax.random.key(1)),
       first, rtol=1e-5, atol=1e-5)
+
+
+def test_dataclass_pytree_with_out_in_weight():
+  """An Equinox-style pytree (attributes, torch-like (out, in) weight) through the merged path."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  @jax.tree_util.register_dataclass
+  @dataclasses.dataclass
+  class Linear:
+    weight: jax.Array
+    bias: jax.Array
+
+  layer = Linear(jax.random.normal(jax.random.key(0), (6, 9)), jnp.ones((6,)))
+  fn = lambda m, x: x @ m.weight.T + m.bias
+  x = jax.random.normal(jax.random.key(1), (3, 9))
+  adapted, adapter_params = functional.adapt(fn, layer, [("weight", lrj.adapters.lora(rank=2))],
+                                             key=jax.random.key(2))
+  assert adapter_params["weight"]["lora_a"].shape == (6, 2)  # read as (fan_in, fan_out) = (6, 9)
+  np.testing.assert_allclose(adapted(adapter_params, layer, x), fn(layer, x), rtol=1e-6, atol=1e-6)
+  trained = _randomized(adapter_params, 3)
+  merged = adapted.merge(trained, layer)
+  assert isinstance(merged, Linear)
+  np.testing.assert_allclose(adapted(trained, layer, x), fn(merged, x), rtol=1e-6, atol=1e-6)
+  grads = jax.grad(lambda ap: adapted(ap, layer, x).sum())(trained)
+  assert float(jnp.abs(grads["weight"]["lora_b"]).max()) > 0
