@@ -126,6 +126,10 @@ def _standin(module: nn.Module | None, kernel: Array, bias: Array | None,
         "Linen layers with the default one.")
   common.update(dtype=module.dtype, precision=module.precision, use_bias=module.use_bias)
   if type(module) is nn.Dense:
+    if kernel.ndim != 2:
+      raise layers.UnsupportedLayerError(
+          f"nn.Dense at '{name}' owns a kernel of shape {tuple(kernel.shape)}; Dense kernels are "
+          "2-D (stacked layers, e.g. under nn.scan, are not supported).")
     extra = {} if module.dot_general is None else {"dot_general": module.dot_general}
     return nnx.Linear(kernel.shape[0], module.features, **common, **extra)
   if type(module) is nn.DenseGeneral:
