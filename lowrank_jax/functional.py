@@ -126,6 +126,10 @@ def _standin(module: nn.Module | None, kernel: Array, bias: Array | None,
         "Linen layers with the default one.")
   common.update(dtype=module.dtype, precision=module.precision, use_bias=module.use_bias)
   if type(module) is nn.Dense:
+    if kernel.ndim != 2:
+      raise layers.UnsupportedLayerError(
+          f"nn.Dense at '{name}' owns a kernel of shape {tuple(kernel.shape)}; Dense kernels are "
+          "2-D (stacked layers, e.g. under nn.scan, are not supported).")
     extra = {} if module.dot_general is None else {"dot_general": module.dot_general}
     return nnx.Linear(kernel.shape[0], module.features, **common, **extra)
   if type(module) is nn.DenseGeneral:
@@ -284,7 +288,10 @@ class AdaptedApply:
       module.eval()
     else:
       module.train()
-      nnx.reseed(module, dropout=jax.random.fold_in(dropout_key, sorted(self.sites).index(name)))
+      site_key = jax.random.fold_in(dropout_key, sorted(self.sites).index(name))
+      # Dropout draws from the 'dropout' stream, or from 'default' where adapt's
+      # nnx.Rngs(key) has no 'dropout' stream.
+      nnx.reseed(module, dropout=site_key, default=site_key)
     return module
 
   # -- the call ---------------------------------------------------------------------------
@@ -488,19 +495,18 @@ def merge(params: PyTree, adapter_params: dict[str, Any], rules: Sequence[Rule],
 
 
 def export_peft(adapted_apply: AdaptedApply, adapter_params, params, directory: str, *,
-                rename: Callable[[str], str] | None = None, module_prefix: str = "",
-                base_model_name_or_path: str | None = None) -> None:
+                rename: Callable[[str], str] | None = None, **export_options) -> Any:
   """Write the LoRA/DoRA adapters of a functional adaptation as a PEFT adapter directory.
 
   ``rename`` maps a site name to the '/'-joined torch module path (default: drop
   a leading 'params/'); e.g. ``lambda s: s.replace('params/', '').replace('layer_', 'layer/')``.
   The tensors are written by `lowrank_jax.io.peft.export_peft`, with its rules
-  (Linear and 2-D Conv layouts, uniform options across sites).
+  (Linear and 2-D Conv layouts, uniform options across sites); ``export_options``
+  (``module_prefix``, ``base_model_name_or_path``, ...) go to it, and its result is returned.
   """
   from lowrank_jax.io import peft  # pylint: disable=g-import-not-at-top
 
   rename = rename or (lambda s: re.sub(r"^params/", "", s))
   modules = adapted_apply.nnx_adapters(adapter_params, params)
   container = nnx.Dict({rename(name): module for name, module in modules.items()})
-  peft.export_peft(container, directory, module_prefix=module_prefix,
-                   base_model_name_or_path=base_model_name_or_path)
+  return peft.export_peft(container, directory, **export_options)

@@ -317,3 +317,45 @@ def test_linen_vit_twin_matches_nnx_vit_with_adapters():
   nnx.update(model, state)
   # Both eager: jit may fuse differently on either side, beyond 1e-6 after two blocks.
   np.testing.assert_allclose(adapted(trained, variables, x), model(x), **TOL)
+
+
+def test_adapter_dropout_only_with_a_dropout_key():
+  _, linen, variables, x = _models("linear", 3)
+  adapted, adapter_params = functional.adapt(
+      linen.apply, variables, [("params/layer", lrj.adapters.lora(rank=2, dropout=0.5))],
+      key=jax.random.key(0))
+  trained = _randomized(adapter_params, 1)
+  deterministic = adapted(trained, variables, x)
+  np.testing.assert_array_equal(deterministic, adapted(trained, variables, x))
+  first = adapted(trained, variables, x, dropout_key=jax.random.key(1))
+  second = adapted(trained, variables, x, dropout_key=jax.random.key(2))
+  assert float(jnp.abs(first - deterministic).max()) > 1e-3
+  assert float(jnp.abs(first - second).max()) > 1e-3
+  np.testing.assert_allclose(
+      jax.jit(lambda ap, k: adapted(ap, variables, x, dropout_key=k))(trained, jax.random.key(1)),
+      first, rtol=1e-5, atol=1e-5)
+
+
+def test_dataclass_pytree_with_out_in_weight():
+  """An Equinox-style pytree (attributes, torch-like (out, in) weight) through the merged path."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  @jax.tree_util.register_dataclass
+  @dataclasses.dataclass
+  class Linear:
+    weight: jax.Array
+    bias: jax.Array
+
+  layer = Linear(jax.random.normal(jax.random.key(0), (6, 9)), jnp.ones((6,)))
+  fn = lambda m, x: x @ m.weight.T + m.bias
+  x = jax.random.normal(jax.random.key(1), (3, 9))
+  adapted, adapter_params = functional.adapt(fn, layer, [("weight", lrj.adapters.lora(rank=2))],
+                                             key=jax.random.key(2))
+  assert adapter_params["weight"]["lora_a"].shape == (6, 2)  # read as (fan_in, fan_out) = (6, 9)
+  np.testing.assert_allclose(adapted(adapter_params, layer, x), fn(layer, x), rtol=1e-6, atol=1e-6)
+  trained = _randomized(adapter_params, 3)
+  merged = adapted.merge(trained, layer)
+  assert isinstance(merged, Linear)
+  np.testing.assert_allclose(adapted(trained, layer, x), fn(merged, x), rtol=1e-6, atol=1e-6)
+  grads = jax.grad(lambda ap: adapted(ap, layer, x).sum())(trained)
+  assert float(jnp.abs(grads["weight"]["lora_b"]).max()) > 0

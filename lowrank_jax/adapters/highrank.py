@@ -239,8 +239,9 @@ class MiSS(_HighRankAdapter):
   def __init__(self, base: nnx.Module, spec: MiSSSpec, view: layers.LayerView, path: str = ""):
     super().__init__(base, spec, view, path)
     width = view.fan_out if spec.mini_r is None else spec.mini_r
+    sharding = adapter_base.sharding_for_factors(base, view)["b"] if spec.mini_r is None else {}
     self.miss_block = adapter_base.AdapterParam(
-        jnp.zeros((spec.chunk(view.fan_in), width), self._dtype()))
+        jnp.zeros((spec.chunk(view.fan_in), width), self._dtype()), **sharding)
 
   def shared_block(self) -> Array:
     """B repeated to (r, fan_out)."""
@@ -366,8 +367,9 @@ class HUT(_HighRankAdapter):
     super().__init__(base, spec, view, path)
     factors = lora_init.default_init(rngs.params(), jnp.zeros((view.fan_in, view.fan_out)),
                                      spec.rank, spec.scale)
-    self.hut_a = adapter_base.AdapterParam(factors.a.astype(self._dtype()))
-    self.hut_b = adapter_base.AdapterParam(factors.b.astype(self._dtype()))
+    sharding = adapter_base.sharding_for_factors(base, view)
+    self.hut_a = adapter_base.AdapterParam(factors.a.astype(self._dtype()), **sharding["a"])
+    self.hut_b = adapter_base.AdapterParam(factors.b.astype(self._dtype()), **sharding["b"])
 
   def effective_matrix(self) -> Array:
     modulation = self.spec.scale * (self.hut_a[...].astype(jnp.float32)
