@@ -172,3 +172,12 @@ def test_adapter_kernel_option_errors_name_the_layer():
                rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="implementation must be one of"):
     lrj.adapters.lora(implementation="fast")
+
+
+def test_adapter_kernel_refuses_a_custom_dot_general():
+  layer = nnx.Linear(8, 8, dot_general=lambda *a, **k: jax.lax.dot_general(*a, **k),
+                     rngs=nnx.Rngs(0))
+  model = nnx.Dict({"fc": layer})
+  lrj.attach(model, [("fc", lrj.adapters.lora(rank=2, implementation="xla"))], rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="'fc'.*custom dot_general"):
+    model["fc"](jnp.ones((2, 8)))
