@@ -43,15 +43,15 @@ def lora_delta(a: Array, b: Array, scale: float) -> Array:
 KERNEL_IMPLEMENTATIONS = (None, "auto", "xla", "pallas")
 
 
-def fused_linear_base(base: nnx.Module, x: Array) -> tuple[Array, Array]:
+def fused_linear_base(base: nnx.Module, x: Array, path: str) -> tuple[Array, Array]:
   """``x`` and the kernel of an ``nnx.Linear`` promoted as the layer's own forward does.
 
   Raises if the layer overrides its contraction (the fused kernel would bypass it).
   """
   if base.dot_general is not jax.lax.dot_general or base.preferred_element_type is not None:
     raise ValueError(
-        "the fused LoRA kernel reproduces nnx.Linear's default contraction only; this layer sets "
-        "a custom dot_general or preferred_element_type. Use implementation=None.")
+        f"'{path}': the fused LoRA kernel reproduces nnx.Linear's default contraction only; this "
+        "layer sets a custom dot_general or preferred_element_type. Use implementation=None.")
   x, kernel, _ = base.promote_dtype((x, base.kernel[...], None), dtype=base.dtype)
   return x, kernel
 
@@ -226,7 +226,7 @@ class LoRA(adapter_base.Adapter):
 
   def fused_output(self, x: Array) -> Array:
     """``x W0 + s (x A) B`` without any bias, by `lowrank_jax.kernels.lora_matmul`."""
-    x, kernel = fused_linear_base(self.base, x)
+    x, kernel = fused_linear_base(self.base, x, self.path)
     impl = self.spec.implementation
     return lora_kernel.lora_matmul(
         x, kernel, self.lora_a[...].astype(kernel.dtype), self.lora_b[...].astype(kernel.dtype),

@@ -183,7 +183,7 @@ class MultiAdapter(adapter_base.Adapter):
                        f"{self.view.kind!r}. Use set_active for a weighted combination.")
     if any(m.spec.dropout > 0 for m in self.adapters.values()):
       raise ValueError(f"{where}: adapter_ids routing needs dropout=0 in every adapter.")
-    x, kernel = fused_linear_base(self.base, x)
+    x, kernel = fused_linear_base(self.base, x, self.path)
     a, b, scales = self.banks()
     impl = self.spec.implementation
     y = grouped_kernel.grouped_lora(

@@ -56,7 +56,7 @@ def check_matrix(op: str, name: str, array, ndim: int = 2) -> None:
     raise ValueError(f"{op}: {name} must have {ndim} dims, got shape {tuple(array.shape)}.")
 
 
-def fit_block(dim: int, block: int, align: int = 8) -> int:
+def fit_block(dim: int, block: int, align: int, name: str) -> int:
   """The tile length for an axis of size ``dim``: ``block``, or the whole axis when smaller.
 
   A tile equal to the full axis is always a legal block shape; otherwise the
@@ -64,7 +64,7 @@ def fit_block(dim: int, block: int, align: int = 8) -> int:
   lane width it is laid out along).
   """
   if block <= 0 or block % align:
-    raise ValueError(f"block size {block} must be a positive multiple of {align}.")
+    raise ValueError(f"BlockSizes.{name}={block} must be a positive multiple of {align}.")
   return dim if dim <= block else block
 
 

@@ -73,8 +73,8 @@ def _norm_kernel(w0_ref, a_ref, b_ref, out_ref, acc_ref, *, scale):
 def _norm_pallas(w0, a, b, scale, block_sizes, interpret):
   fan_in, fan_out = w0.shape
   rank = a.shape[1]
-  bn = _common.fit_block(fan_out, block_sizes.block_n, 128)
-  bk = _common.fit_block(fan_in, block_sizes.block_k, 8)
+  bn = _common.fit_block(fan_out, block_sizes.block_n, 128, "block_n")
+  bk = _common.fit_block(fan_in, block_sizes.block_k, 8, "block_k")
   w0 = _common.pad_axis(w0, 0, bk)
   a = _common.pad_axis(a, 0, bk)
   out = pl.pallas_call(

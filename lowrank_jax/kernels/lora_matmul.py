@@ -83,9 +83,9 @@ def _fused_pallas(lhs, w, z, b, *, transposed, out_dtype, block_sizes, interpret
   rows, depth = lhs.shape
   cols = w.shape[0] if transposed else w.shape[1]
   rank = z.shape[1]
-  bm = _common.fit_block(rows, block_sizes.block_m, 8)
-  bn = _common.fit_block(cols, block_sizes.block_n, 128)
-  bk = _common.fit_block(depth, block_sizes.block_k, 128)
+  bm = _common.fit_block(rows, block_sizes.block_m, 8, "block_m")
+  bn = _common.fit_block(cols, block_sizes.block_n, 128, "block_n")
+  bk = _common.fit_block(depth, block_sizes.block_k, 128, "block_k")
   lhs = _common.pad_axis(lhs, 1, bk)
   w = _common.pad_axis(w, 1 if transposed else 0, bk)
   if transposed:

@@ -77,8 +77,8 @@ def _symmetric_kernel(rows_ref, cols_ref, lhs_ref, rhs_ref, *rest, alpha, beta, 
 
 def _symmetric_pallas(lhs, addend, alpha, beta, block_sizes, interpret):
   m, depth = lhs.shape
-  bt = _common.fit_block(m, block_sizes.block_m, 128)
-  bk = _common.fit_block(depth, block_sizes.block_k, 128)
+  bt = _common.fit_block(m, block_sizes.block_m, 128, "block_m")
+  bk = _common.fit_block(depth, block_sizes.block_k, 128, "block_k")
   padded = _common.pad_axis(lhs, 1, bk)
   tiles = pl.cdiv(m, bt)
   rows, cols = np.triu_indices(tiles)
@@ -123,9 +123,9 @@ def _update_kernel(b_ref, x_ref, addend_ref, out_ref, acc_ref, *, a):
 
 def _update_pallas(b, x, a, block_sizes, interpret):
   m, n = x.shape
-  bm = _common.fit_block(m, block_sizes.block_m, 128)
-  bn = _common.fit_block(n, block_sizes.block_n, 128)
-  bk = _common.fit_block(m, block_sizes.block_k, 128)
+  bm = _common.fit_block(m, block_sizes.block_m, 128, "block_m")
+  bn = _common.fit_block(n, block_sizes.block_n, 128, "block_n")
+  bk = _common.fit_block(m, block_sizes.block_k, 128, "block_k")
   b_padded = _common.pad_axis(b, 1, bk)
   x_padded = _common.pad_axis(x, 0, bk)
   return pl.pallas_call(

@@ -54,11 +54,11 @@ def _check(implementation, seed, rows, fan_in, fan_out, rank, groups, dtype):
     kernel_testing.assert_close(got, want, dtype, name)
 
 
-shapes = st.tuples(st.integers(1, 20), st.sampled_from([16, 130]), st.sampled_from([24, 136]),
+shapes = st.tuples(st.integers(1, 16), st.sampled_from([16, 130]), st.sampled_from([24, 136]),
                    st.integers(1, 4), st.integers(1, 5))
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**16))
 def test_pallas_matches_per_row_loop_float32(shape, seed):
   _check("pallas", seed, *shape, jnp.float32)
