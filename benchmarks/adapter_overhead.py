@@ -27,7 +27,6 @@ from absl import app
 from absl import flags
 from flax import nnx
 
-from benchmarks.timing import median_seconds
 import lowrank_jax as lrj
 from benchmarks.timing import median_seconds
 from lowrank_jax.adapters import init as lora_init

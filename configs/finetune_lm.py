@@ -10,7 +10,6 @@ model), calibration_batches and allocate (GoRA: ``init=gora,allocate=true`` allo
 ranks under the budget of rank-``rank`` LoRA from calibration gradients), runlocal. Without init_from the base model is random (a smoke test, not a fine-tune).
 """
 
-import ml_collections
 
 from configs import common
 from configs import pretrain_lm

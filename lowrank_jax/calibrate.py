@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,8 @@ from lowrank_jax.attach import select
 from lowrank_jax.adapters import layers
 from lowrank_jax.adapters.stats import SiteStats
 from lowrank_jax.adapters.stats import site_stats
+
+__all__ = ["SiteStats", "collect", "site_stats"]
 
 Array = jax.Array
 

@@ -1,7 +1,6 @@
 """attach / merge / summary on nested models, rule semantics and bad input."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import nnx
 
-from lowrank_jax.adapters import base as adapter_base
 from lowrank_jax.adapters import layers
 from lowrank_jax.adapters.dora import DoRASpec
 from lowrank_jax.adapters.lora import LoRASpec

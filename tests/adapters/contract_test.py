@@ -15,7 +15,6 @@ import pytest
 from flax import nnx
 
 import lowrank_jax as lrj
-from lowrank_jax.adapters import base as adapter_base
 
 # Base layer kinds: constructor and input shape. Every kind has fan_in, fan_out >= 8.
 BASES = {

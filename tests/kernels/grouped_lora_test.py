@@ -1,6 +1,5 @@
 """grouped_lora against a per-row loop over single-adapter LoRA, forward and vjp."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
