@@ -9,13 +9,13 @@ from lowrank_jax.optim.registry import names
 from lowrank_jax.optim.registry import register
 from lowrank_jax.optim import labels
 from lowrank_jax.optim import projection
-from lowrank_jax.optim import galore
-from lowrank_jax.optim import frugal
 from lowrank_jax.optim.galore import flora
+from lowrank_jax.optim.galore import galore
 from lowrank_jax.optim.galore import galore_dct
 from lowrank_jax.optim.galore import galore_plus
 from lowrank_jax.optim.galore import online_subspace_descent
 from lowrank_jax.optim.galore import scale_by_galore
+from lowrank_jax.optim.frugal import frugal
 from lowrank_jax.optim.frugal import scale_by_frugal
 from lowrank_jax.optim.labels import label_by_path
 from lowrank_jax.optim.labels import mask_by_ndim

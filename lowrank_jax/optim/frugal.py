@@ -26,7 +26,9 @@ from typing import Any
 
 import optax
 
-from lowrank_jax.optim import galore as galore_lib
+from lowrank_jax.optim.galore import _with_lr
+from lowrank_jax.optim.galore import adam_state_bytes
+from lowrank_jax.optim.galore import scale_by_galore
 from lowrank_jax.optim import registry
 
 RULES = ("sign", "sgd")
@@ -46,12 +48,12 @@ def scale_by_frugal(rank: Any = 128, refresh_every: int = 200, *, rule: str = "s
   """
   if rule not in RULES:
     raise ValueError(f"Unknown FRUGAL residual rule {rule!r}; known: {list(RULES)}.")
-  return galore_lib.scale_by_galore(rank, refresh_every, policy=policy, residual=rule,
+  return scale_by_galore(rank, refresh_every, policy=policy, residual=rule,
                                     residual_scale=residual_scale, **options)
 
 
 @registry.register("frugal", example={"rank": 4, "refresh_every": 2, "residual_scale": 0.1},
-                   state_bytes=galore_lib.adam_state_bytes)
+                   state_bytes=adam_state_bytes)
 def frugal(
     learning_rate: optax.ScalarOrSchedule,
     rank: Any = 128,
@@ -73,7 +75,7 @@ def frugal(
   The paper uses ``residual_scale=1`` for pretraining and 0.1 for
   fine-tuning; the subspace strategy is any of `projection.STRATEGIES`.
   """
-  return galore_lib._with_lr(
+  return _with_lr(
       scale_by_frugal(rank, refresh_every, rule=rule, residual_scale=residual_scale, policy=policy,
                       strategy=strategy, scale=scale, inner=inner, side=side, row_axes=row_axes,
                       seed=seed),

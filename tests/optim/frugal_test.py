@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowrank_jax.optim import frugal
-from lowrank_jax.optim import galore
+from lowrank_jax.optim.frugal import frugal
+from lowrank_jax.optim.galore import galore
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 PARAMS = {"tall": jnp.zeros((10, 6)), "wide": jnp.zeros((5, 9)), "bias": jnp.zeros((6,))}
@@ -60,7 +60,7 @@ def _reference_frugal(steps, rank, period, lr, eta, rule):
 
 @pytest.mark.parametrize("rule", ["sign", "sgd"])
 def test_equals_reference_algorithm(rule):
-  ours = _run(frugal.frugal(0.05, rank=2, refresh_every=3, rule=rule, residual_scale=0.3), 7)
+  ours = _run(frugal(0.05, rank=2, refresh_every=3, rule=rule, residual_scale=0.3), 7)
   ref = _reference_frugal(7, rank=2, period=3, lr=0.05, eta=0.3, rule=rule)
   for a, b in zip(ours, ref):
     for k in PARAMS:
@@ -69,16 +69,16 @@ def test_equals_reference_algorithm(rule):
 
 @pytest.mark.parametrize("policy", ["reset", "keep", "rotate"])
 def test_zero_residual_step_equals_galore(policy):
-  ours = _run(frugal.frugal(0.05, rank=2, refresh_every=2, residual_scale=0.0, policy=policy), 5)
-  ref = _run(galore.galore(0.05, rank=2, refresh_every=2, policy=policy), 5)
+  ours = _run(frugal(0.05, rank=2, refresh_every=2, residual_scale=0.0, policy=policy), 5)
+  ref = _run(galore(0.05, rank=2, refresh_every=2, policy=policy), 5)
   for a, b in zip(ours, ref):
     for k in PARAMS:
       np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
 def test_update_is_full_rank_while_galore_is_rank_r():
-  ours = _run(frugal.frugal(0.05, rank=2, refresh_every=2), 1)[0]
-  ref = _run(galore.galore(0.05, rank=2, refresh_every=2), 1)[0]
+  ours = _run(frugal(0.05, rank=2, refresh_every=2), 1)[0]
+  ref = _run(galore(0.05, rank=2, refresh_every=2), 1)[0]
   for k in ("tall", "wide"):
     assert np.linalg.matrix_rank(np.asarray(ref[k]), tol=1e-6) == 2
     assert np.linalg.matrix_rank(np.asarray(ours[k]), tol=1e-6) > 2
@@ -86,4 +86,4 @@ def test_update_is_full_rank_while_galore_is_rank_r():
 
 def test_unknown_rule():
   with pytest.raises(ValueError, match="Unknown FRUGAL residual rule 'lion'.*sign"):
-    frugal.frugal(0.1, rule="lion")
+    frugal(0.1, rule="lion")

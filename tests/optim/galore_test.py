@@ -7,7 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from lowrank_jax.optim import galore
+from lowrank_jax.optim.galore import GaLoreState
+from lowrank_jax.optim.galore import galore
+from lowrank_jax.optim.galore import galore_plus
+from lowrank_jax.optim.galore import scale_by_galore
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -34,7 +37,7 @@ PARAMS = {"tall": jnp.zeros((12, 7)), "wide": jnp.zeros((6, 10)), "square": jnp.
 
 def test_equals_optax_contrib_galore():
   """svd + keep + Adam with the projector on the larger dim is optax.contrib.galore."""
-  ours, _ = _run(galore.galore(0.1, rank=3, refresh_every=3, scale=0.5, side="larger"), PARAMS, 7)
+  ours, _ = _run(galore(0.1, rank=3, refresh_every=3, scale=0.5, side="larger"), PARAMS, 7)
   ref, _ = _run(optax.contrib.galore(0.1, rank=3, update_proj_gap=3, scale=0.5), PARAMS, 7)
   for a, b in zip(ours, ref):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -74,7 +77,7 @@ def _reference_galore(params, steps, rank, period, scale, lr):
 
 
 def test_smaller_side_equals_reference_algorithm():
-  ours, _ = _run(galore.galore(0.1, rank=3, refresh_every=3, scale=0.25), PARAMS, 7)
+  ours, _ = _run(galore(0.1, rank=3, refresh_every=3, scale=0.25), PARAMS, 7)
   ref = _reference_galore(PARAMS, 7, rank=3, period=3, scale=0.25, lr=0.1)
   for a, b in zip(ours, ref):
     for k in PARAMS:
@@ -85,7 +88,7 @@ def test_smaller_side_equals_reference_algorithm():
 def test_refresh_policies(policy):
   """After the refresh at step 2 (T=2) the Adam moments are kept, reset, or mapped by R = P2^T P1."""
   params = {"left": jnp.zeros((5, 9)), "right": jnp.zeros((9, 5))}
-  tx = galore.scale_by_galore(rank=2, refresh_every=2, policy=policy)
+  tx = scale_by_galore(rank=2, refresh_every=2, policy=policy)
   state = tx.init(params)
   update = jax.jit(tx.update)
   for step in range(2):
@@ -118,8 +121,8 @@ def test_rotate_makes_sign_flipped_bases_harmless():
   g = jax.random.normal(jax.random.PRNGKey(0), (14, 2)) @ jax.random.normal(jax.random.PRNGKey(1), (2, 9))
   params = {"w": jnp.zeros((14, 9))}
   constant = lambda params, step: {"w": g}
-  exact, _ = _run(galore.scale_by_galore(rank=2, refresh_every=1), params, 6, constant)
-  rotated, _ = _run(galore.scale_by_galore(rank=2, refresh_every=1, strategy="randomized", policy="rotate",
+  exact, _ = _run(scale_by_galore(rank=2, refresh_every=1), params, 6, constant)
+  rotated, _ = _run(scale_by_galore(rank=2, refresh_every=1, strategy="randomized", policy="rotate",
                                            niter=1), params, 6, constant)
   for a, b in zip(exact, rotated):
     np.testing.assert_allclose(a["w"], b["w"], rtol=1e-4, atol=1e-5)
@@ -128,11 +131,11 @@ def test_rotate_makes_sign_flipped_bases_harmless():
 def test_galore_plus_shares_one_projector_across_heads():
   params = {"query": jnp.zeros((12, 3, 4))}  # (d, heads, head_dim)
   flat = {"query": jnp.zeros((12, 12))}
-  shared, state = _run(galore.galore_plus(0.1, rank=3, refresh_every=2, niter=1), params, 4)
+  shared, state = _run(galore_plus(0.1, rank=3, refresh_every=2, niter=1), params, 4)
   assert state[0].projector["query"].shape == (12, 3)  # one P of the model dim for all heads
   as_matrix = lambda params, step: {"query": _grads({"query": jnp.zeros((12, 3, 4))}, step)["query"].reshape(12, 12)}
   # The same strategy and seed on the (d, heads * head_dim) matrix, projector on the left.
-  ref, _ = _run(optax.chain(galore.scale_by_galore(3, 2, strategy="randomized", side="left", niter=1),
+  ref, _ = _run(optax.chain(scale_by_galore(3, 2, strategy="randomized", side="left", niter=1),
                             optax.scale_by_learning_rate(0.1)), flat, 4, as_matrix)
   for a, b in zip(shared, ref):
     np.testing.assert_allclose(a["query"].reshape(12, 12), b["query"], rtol=1e-5, atol=1e-6)
@@ -141,8 +144,8 @@ def test_galore_plus_shares_one_projector_across_heads():
 def test_sparse_residual_adds_top_entries_of_the_residual():
   params = {"w": jnp.zeros((10, 8))}
   kw = dict(rank=2, refresh_every=5, niter=1)
-  with_res, state = _run(galore.galore_plus(0.1, residual_density=0.25, residual_scale=0.5, **kw), params, 1)
-  without, _ = _run(galore.galore_plus(0.1, **kw), params, 1)
+  with_res, state = _run(galore_plus(0.1, residual_density=0.25, residual_scale=0.5, **kw), params, 1)
+  without, _ = _run(galore_plus(0.1, **kw), params, 1)
   g = _grads(params, 0)["w"]
   p = state[0].projector["w"]  # right side: P (8, 2)
   rest = np.asarray(g - g @ p @ p.T)
@@ -155,7 +158,7 @@ def test_sparse_residual_adds_top_entries_of_the_residual():
 def test_flora_transfers_momentum_on_resampling():
   """Flora: EMA momentum in random coordinates; at a resampling it is mapped by P_new^T P_old."""
   params = {"w": jnp.zeros((6, 11))}
-  tx = galore.scale_by_galore(rank=3, refresh_every=2, strategy="random", policy="rotate",
+  tx = scale_by_galore(rank=3, refresh_every=2, strategy="random", policy="rotate",
                               inner=optax.ema(0.9, debias=False))
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -172,7 +175,7 @@ def test_flora_transfers_momentum_on_resampling():
 def test_weight_decay_is_decoupled_in_full_space():
   params = {"w": jnp.ones((6, 4))}
   g = {"w": jnp.zeros((6, 4))}
-  tx = galore.galore(0.1, rank=2, weight_decay=0.5)
+  tx = galore(0.1, rank=2, weight_decay=0.5)
   u, _ = tx.update(g, tx.init(params), params)
   np.testing.assert_allclose(u["w"], -0.1 * 0.5 * np.ones((6, 4)), atol=1e-7)
 
@@ -188,7 +191,7 @@ def test_rank_rules_by_path_inside_nnx_optimizer():
       self.head = nnx.Linear(8, 4, rngs=rngs)
 
   model = Model(nnx.Rngs(0))
-  tx = galore.galore(0.01, rank=[("layer/kernel", 3), ("head/kernel", None)], refresh_every=2)
+  tx = galore(0.01, rank=[("layer/kernel", 3), ("head/kernel", None)], refresh_every=2)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jnp.ones((2, 12))
   loss = lambda m: jnp.sum(jnp.square(m.head(m.layer(x)) - 1.0))
@@ -196,14 +199,14 @@ def test_rank_rules_by_path_inside_nnx_optimizer():
   for _ in range(3):
     optimizer.update(model, nnx.grad(loss)(model))
   assert float(loss(model)) < before
-  projector = jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, galore.GaLoreState))
-  state = next(s for s in projector if isinstance(s, galore.GaLoreState))
+  projector = jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, GaLoreState))
+  state = next(s for s in projector if isinstance(s, GaLoreState))
   shapes = [np.shape(p) for p in jax.tree.leaves(state.projector)]
   assert shapes == [(8, 3)]  # layer/kernel (12, 8): P on the smaller side; head not projected
 
 
 def test_rotate_rejects_inner_state_of_another_shape():
-  tx = galore.scale_by_galore(rank=2, refresh_every=1, policy="rotate",
+  tx = scale_by_galore(rank=2, refresh_every=1, policy="rotate",
                               inner=optax.scale_by_factored_rms(min_dim_size_to_factor=2))
   params = {"w": jnp.zeros((9, 6))}
   with pytest.raises(ValueError, match=r"rotate.*\(9, 2\).*'w'.*factored"):

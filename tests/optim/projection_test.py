@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lowrank_jax import linalg
-from lowrank_jax.optim import galore
+from lowrank_jax.optim.galore import galore
+from lowrank_jax.optim.galore import scale_by_galore
 from lowrank_jax.optim import projection
 
 
@@ -106,7 +107,7 @@ def test_online_pca_starts_from_the_svd_and_moves_every_step():
 @pytest.mark.parametrize("strategy", ["svd", "randomized", "dct", "random"])
 def test_refresh_cadence(strategy):
   """P changes exactly at steps 0, T, 2T (T=3) inside the jitted transform."""
-  tx = galore.scale_by_galore(rank=2, refresh_every=3, strategy=strategy)
+  tx = scale_by_galore(rank=2, refresh_every=3, strategy=strategy)
   params = {"w": jnp.zeros((8, 6))}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -163,9 +164,9 @@ def test_bad_input_errors_name_the_parameter():
   with pytest.raises(ValueError, match="refresh_every must be an integer >= 1"):
     projection.Projector(refresh_every=0)
   with pytest.raises(ValueError, match="Unknown refresh policy 'drop'.*keep"):
-    galore.scale_by_galore(policy="drop")
+    scale_by_galore(policy="drop")
   with pytest.raises(ValueError, match="reset.*online_pca"):
-    galore.scale_by_galore(strategy="online_pca", policy="reset")
-  tx = galore.galore(0.1, rank=5)
+    scale_by_galore(strategy="online_pca", policy="reset")
+  tx = galore(0.1, rank=5)
   with pytest.raises(ValueError, match="blocks/0/kernel"):
     tx.init(params)
