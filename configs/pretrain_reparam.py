@@ -12,7 +12,6 @@ arg keys: method (a key of methods()), rank (for the low-rank methods), block_si
 event_every (period of the method's event), steps, runlocal.
 """
 
-import ml_collections
 
 from configs import common
 from configs import pretrain_lm

@@ -42,7 +42,6 @@ parameterizes a different point).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """Monarch / BTT: factored forward equals the dense matrix; projection recovers the class exactly."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
