@@ -1,0 +1,314 @@
+"""PEFT adapter formats of the methods beyond LoRA: one exporter/importer, a table per method.
+
+Each `PeftMethod` row says, for one of our specs, which PEFT ``peft_type`` it
+is, which ``adapter_config.json`` fields it writes (`config`) and reads back
+(`spec`), and how each leaf maps to a tensor of PEFT's state dict (`to_torch`,
+`from_torch`, in PEFT's (out, in) layout for the module named ``M``:
+``base_model.model.M.<suffix>``). Tensors shared by every layer (VeRA's
+projections) are stored once as ``base_model.<name>`` (`shared_to_torch`,
+`shared_from_torch`), as PEFT saves them.
+
+`export_methods` and `import_methods` are the one mechanism over that table;
+`lowrank_jax.io.peft.export_peft` / `import_peft` call them for these methods
+(LoRA and DoRA keep their own format code there). Supported layers:
+``nnx.Linear`` (PEFT's layouts of Conv and the CP-decomposed kernels differ
+from our flattened matrix view). A spec option PEFT cannot express, or a model
+mixing methods or hyperparameters, raises `PeftFormatError`.
+
+Layouts (ours (fan_in, fan_out) -> PEFT):
+
+* LoHa: ``hada_w1_a = B1.T``, ``hada_w1_b = A1.T``, ``hada_w2_a = B2.T``,
+  ``hada_w2_b = A2.T``.
+* LoKr: ``lokr_w1 = C.T`` (or ``lokr_w1_a = C_b.T``, ``lokr_w1_b = C_a.T``),
+  ``lokr_w2 = M.T`` (or ``lokr_w2_a = M_b.T``, ``lokr_w2_b = M_a.T``).
+* VeRA: ``vera_lambda_d = d``, ``vera_lambda_b = b``; shared ``vera_A`` (r,
+  in_max) ``= A[:in_max].T`` and ``vera_B`` (out_max, r) ``= B[:, :out_max].T``
+  with in_max / out_max the largest dims of the adapted layers (the shapes PEFT
+  allocates on load); ``save_projection=True`` always, so PEFT loads our
+  projections instead of regenerating them from ``projection_prng_key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+from flax import nnx
+
+from lowrank_jax.adapters import layers
+from lowrank_jax.adapters.products import LoHaSpec
+from lowrank_jax.adapters.products import LoKrSpec
+from lowrank_jax.adapters.products import VeRASpec
+from lowrank_jax.attach import adapters as adapter_sites
+from lowrank_jax.attach import attach
+from lowrank_jax.io.peft import _PREFIX
+from lowrank_jax.io.peft import PeftFormatError
+from lowrank_jax.io.peft import _torch_name
+
+_SHARED_PREFIX = "base_model."
+
+
+def _np(leaf) -> np.ndarray:
+  return np.asarray(leaf[...], np.float32)
+
+
+def _set(leaf, value: np.ndarray) -> None:
+  leaf[...] = np.asarray(value).astype(leaf.dtype)
+
+
+def _refuse_options(config: dict, method: str, zero_options: dict[str, Any]) -> None:
+  """Raise for PEFT options (set to a non-default value) that we do not implement."""
+  bad = {k: config[k] for k, default in zero_options.items() if config.get(k, default) != default}
+  if bad:
+    raise PeftFormatError(f"PEFT {method} options {bad} are not supported here (supported: "
+                          f"{zero_options}).")
+
+
+class PeftMethod(NamedTuple):
+  """How one of our methods is written in, and read from, PEFT's format.
+
+  Attributes:
+    peft_type: PEFT's ``peft_type``.
+    spec_type: our `AdapterSpec` subclass.
+    key_prefix: the start of the method's tensor suffixes (``hada_``).
+    config: spec -> PEFT config fields; raises for options PEFT cannot express.
+    spec: (PEFT config, shared tensors) -> spec; raises for unsupported options.
+    to_torch: adapter -> {suffix: array in PEFT's layout}.
+    from_torch: (adapter, {suffix: array}) -> None, sets the leaves.
+    shared_to_torch: adapters -> {name: array} stored once, or None.
+    shared_from_torch: (an adapter, {name: array}) -> None, or None.
+    shared_leaves: names of the adapter attributes that every layer must share.
+  """
+
+  peft_type: str
+  spec_type: type
+  key_prefix: str
+  config: Callable[[Any], dict]
+  spec: Callable[[dict, dict], Any]
+  to_torch: Callable[[Any], dict[str, np.ndarray]]
+  from_torch: Callable[[Any, dict[str, np.ndarray]], None]
+  shared_to_torch: Callable[[list], dict[str, np.ndarray]] | None = None
+  shared_from_torch: Callable[[Any, dict[str, np.ndarray]], None] | None = None
+  shared_leaves: tuple[str, ...] = ()
+
+
+# -- LoHa --------------------------------------------------------------------------
+_LYCORIS_OPTIONS = dict(rank_dropout=0.0, module_dropout=0.0, use_effective_conv2d=False,
+                        rank_pattern={}, alpha_pattern={}, init_weights=True)
+_LOHA_NAMES = {"loha_b1": "hada_w1_a", "loha_a1": "hada_w1_b", "loha_b2": "hada_w2_a",
+               "loha_a2": "hada_w2_b"}
+
+
+def _lycoris_alpha(spec) -> float:
+  return float(spec.rank if spec.alpha is None else spec.alpha)
+
+
+def _loha_spec(config, shared):
+  del shared
+  _refuse_options(config, "LOHA", _LYCORIS_OPTIONS)
+  return LoHaSpec(rank=int(config["r"]), alpha=float(config["alpha"]))
+
+
+# -- LoKr --------------------------------------------------------------------------
+_LOKR_NAMES = {"lokr_c": "lokr_w1", "lokr_c_a": "lokr_w1_b", "lokr_c_b": "lokr_w1_a",
+               "lokr_m": "lokr_w2", "lokr_m_a": "lokr_w2_b", "lokr_m_b": "lokr_w2_a"}
+
+
+def _lokr_config(spec):
+  if spec.kron_shape is not None:
+    raise PeftFormatError(f"lokr kron_shape={spec.kron_shape} has no PEFT equivalent (PEFT derives "
+                          "the Kronecker shape from decompose_factor); use decompose_factor.")
+  return dict(r=spec.rank, alpha=_lycoris_alpha(spec), decompose_both=spec.decompose_both,
+              decompose_factor=spec.decompose_factor, rank_dropout_scale=False, exclude_modules=None,
+              **_LYCORIS_OPTIONS)
+
+
+def _lokr_spec(config, shared):
+  del shared
+  _refuse_options(config, "LOKR", dict(_LYCORIS_OPTIONS, rank_dropout_scale=False))
+  return LoKrSpec(rank=int(config["r"]), alpha=float(config["alpha"]),
+                  decompose_both=bool(config.get("decompose_both", False)),
+                  decompose_factor=int(config.get("decompose_factor", -1)))
+
+
+def _transposed_to_torch(names: dict[str, str]):
+  def to_torch(adapter):
+    return {peft: _np(getattr(adapter, ours)).T for ours, peft in names.items()
+            if hasattr(adapter, ours)}
+  return to_torch
+
+
+def _transposed_from_torch(names: dict[str, str]):
+  def from_torch(adapter, fields):
+    for ours, peft in names.items():
+      if hasattr(adapter, ours):
+        _set(getattr(adapter, ours), fields[peft].T)
+  return from_torch
+
+
+# -- VeRA --------------------------------------------------------------------------
+def _vera_config(spec):
+  return dict(r=spec.rank, d_initial=spec.d_initial, projection_prng_key=spec.projection_seed,
+              save_projection=True, vera_dropout=spec.dropout, fan_in_fan_out=False, bias="none",
+              init_weights=True)
+
+
+def _vera_spec(config, shared):
+  if not config.get("save_projection", True):
+    raise PeftFormatError("PEFT VeRA adapter saved with save_projection=False: its projections "
+                          "come from torch's generator and are not in the file; save it with "
+                          "save_projection=True.")
+  _refuse_options(config, "VERA", dict(fan_in_fan_out=False, bias="none"))
+  for name in ("vera_A", "vera_B"):
+    if name not in shared:
+      raise PeftFormatError(f"The adapter file lacks the shared projection '{_SHARED_PREFIX}{name}'.")
+  rank = int(config["r"])
+  return VeRASpec(rank=rank, d_initial=float(config.get("d_initial", 0.1)),
+                  projection_seed=int(config.get("projection_prng_key", 0)),
+                  dropout=float(config.get("vera_dropout") or 0.0),
+                  basis_shape=(shared["vera_A"].shape[1], shared["vera_B"].shape[0]))
+
+
+def _vera_shared_to_torch(adapters):
+  in_max = max(a.view.fan_in for a in adapters)
+  out_max = max(a.view.fan_out for a in adapters)
+  first = adapters[0]
+  return {"vera_A": _np(first.vera_a)[:in_max].T, "vera_B": _np(first.vera_bmat)[:, :out_max].T}
+
+
+def _vera_shared_from_torch(adapter, shared):
+  _set(adapter.vera_a, shared["vera_A"].T)
+  _set(adapter.vera_bmat, shared["vera_B"].T)
+
+
+METHODS = (
+    PeftMethod("LOHA", LoHaSpec, "hada_",
+               lambda spec: dict(r=spec.rank, alpha=_lycoris_alpha(spec), exclude_modules=None,
+                                 **_LYCORIS_OPTIONS),
+               _loha_spec, _transposed_to_torch(_LOHA_NAMES), _transposed_from_torch(_LOHA_NAMES)),
+    PeftMethod("LOKR", LoKrSpec, "lokr_", _lokr_config, _lokr_spec,
+               _transposed_to_torch(_LOKR_NAMES), _transposed_from_torch(_LOKR_NAMES)),
+    PeftMethod("VERA", VeRASpec, "vera_", _vera_config, _vera_spec,
+               lambda a: {"vera_lambda_d": _np(a.vera_d), "vera_lambda_b": _np(a.vera_b)},
+               lambda a, f: (_set(a.vera_d, f["vera_lambda_d"]), _set(a.vera_b, f["vera_lambda_b"])),
+               _vera_shared_to_torch, _vera_shared_from_torch, ("vera_a", "vera_bmat")),
+)
+BY_SPEC = {m.spec_type: m for m in METHODS}
+BY_PEFT_TYPE = {m.peft_type: m for m in METHODS}
+
+
+def _check_linear(path: str, view: layers.LayerView, method: str) -> None:
+  if view.kind != "linear":
+    raise PeftFormatError(f"Layer '{path}' is a {view.kind} layer (kernel {view.kernel_shape}); the "
+                          f"PEFT {method} export supports nnx.Linear layers only.")
+
+
+def _without_dtype(spec):
+  return dataclasses.replace(spec, param_dtype=None)
+
+
+def export_methods(sites, *, module_prefix: str, base_model_name_or_path: str | None):
+  """(config, tensors) of ``sites`` (all of one method of `METHODS`, one spec)."""
+  methods = {type(adapter.spec): path for path, adapter in sites}
+  if len(methods) > 1:
+    (type_a, path_a), (type_b, path_b) = list(methods.items())[:2]
+    raise PeftFormatError(
+        f"PEFT stores one method per adapter; the model mixes {type_a.name} ('{path_a}') and "
+        f"{type_b.name} ('{path_b}'). Export them separately, or pass approximate_rank=r to write "
+        "all of them as LoRA.")
+  method = BY_SPEC[type(sites[0][1].spec)]
+  specs = {_without_dtype(adapter.spec): path for path, adapter in sites}
+  if len(specs) > 1:
+    (spec_a, path_a), (spec_b, path_b) = list(specs.items())[:2]
+    raise PeftFormatError(f"PEFT stores one {method.peft_type} config per adapter; '{path_a}' has "
+                          f"{spec_a} and '{path_b}' has {spec_b}.")
+  first_path, first = sites[0]
+  for path, adapter in sites:
+    for leaf in method.shared_leaves:
+      if getattr(adapter, leaf) is not getattr(first, leaf):
+        raise PeftFormatError(f"PEFT stores one {leaf} per adapter, shared by every layer; "
+                              f"'{path}' and '{first_path}' hold different ones (attached in "
+                              "separate calls).")
+  tensors = {}
+  for path, adapter in sorted(sites, key=lambda site: site[0]):
+    _check_linear(path, adapter.view, method.peft_type)
+    name = _torch_name(path, module_prefix)
+    for suffix, value in method.to_torch(adapter).items():
+      tensors[f"{_PREFIX}{name}.{suffix}"] = np.ascontiguousarray(value)
+  if method.shared_to_torch is not None:
+    for name, value in method.shared_to_torch([adapter for _, adapter in sites]).items():
+      tensors[_SHARED_PREFIX + name] = np.ascontiguousarray(value)
+  config = dict(peft_type=method.peft_type, task_type=None,
+                base_model_name_or_path=base_model_name_or_path,
+                target_modules=sorted(_torch_name(p, module_prefix) for p, _ in sites),
+                modules_to_save=None, layers_to_transform=None, layers_pattern=None,
+                inference_mode=True, **method.config(sites[0][1].spec))
+  return config, tensors
+
+
+def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Module, *,
+                   module_prefix: str, rngs: nnx.Rngs | None) -> nnx.Module:
+  """Attach and load the adapters of a PEFT directory of a method in `METHODS`."""
+  method = BY_PEFT_TYPE[config["peft_type"]]
+  sites: dict[str, dict[str, np.ndarray]] = {}
+  shared = {}
+  marker = "." + method.key_prefix
+  for key, value in tensors.items():
+    if key.startswith(_PREFIX):
+      name, found, field = key[len(_PREFIX):].partition(marker)
+      if not found:
+        raise PeftFormatError(f"Tensor {key!r} is not a {method.peft_type} tensor (no {marker!r}).")
+      if module_prefix and not name.startswith(module_prefix):
+        raise PeftFormatError(f"Tensor {key!r} does not start with the module prefix {module_prefix!r}.")
+      sites.setdefault(name[len(module_prefix):].replace(".", "/"), {})[method.key_prefix + field] = value
+    elif key.startswith(_SHARED_PREFIX):
+      shared[key[len(_SHARED_PREFIX):]] = value
+    else:
+      raise PeftFormatError(f"Unexpected tensor name {key!r} (expected the prefix {_PREFIX!r}).")
+  if not sites:
+    raise PeftFormatError(f"The {method.peft_type} adapter file holds no layer tensors.")
+  spec = method.spec(config, shared)
+  modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+  built = []
+  for path, fields in sorted(sites.items()):
+    name = _torch_name(path, module_prefix)
+    module = modules.get(path)
+    if module is None:
+      raise PeftFormatError(f"The adapter targets '{name}', which is not a module of the model "
+                            f"(our path '{path}').")
+    _check_linear(path, layers.view_of(module, path), method.peft_type)
+    try:  # a throwaway adapter on a copy of the layer gives the expected tensor shapes
+      probe = spec.build(nnx.clone(module), rngs=nnx.Rngs(0), path=path)
+    except ValueError as e:
+      raise PeftFormatError(f"The {method.peft_type} adapter does not fit layer '{path}': {e}") from None
+    expected = {suffix: v.shape for suffix, v in method.to_torch(probe).items()}
+    _check_shapes(expected, fields, lambda suffix: f"{_PREFIX}{name}.{suffix}", f"layer '{path}'")
+    built.append(probe)
+  if method.shared_to_torch is not None:
+    expected = {n: v.shape for n, v in method.shared_to_torch(built).items()}
+    _check_shapes(expected, shared, lambda n: _SHARED_PREFIX + n, "adapted layers")
+  elif shared:
+    raise PeftFormatError(f"Unexpected tensors {sorted(_SHARED_PREFIX + n for n in shared)}.")
+
+  attach(model, [(re.escape(path), spec) for path in sorted(sites)],
+         rngs=rngs if rngs is not None else nnx.Rngs(0))
+  adapters = dict(adapter_sites(model))
+  for path, fields in sites.items():
+    method.from_torch(adapters[path], fields)
+  if method.shared_from_torch is not None:
+    method.shared_from_torch(adapters[min(sites)], shared)
+  return model
+
+
+def _check_shapes(expected: dict, fields: dict, key_of: Callable[[str], str], what: str) -> None:
+  for suffix, shape in expected.items():
+    if suffix not in fields:
+      raise PeftFormatError(f"The adapter file lacks {key_of(suffix)!r} (expected shape {tuple(shape)}).")
+    if tuple(fields[suffix].shape) != tuple(shape):
+      raise PeftFormatError(f"{key_of(suffix)!r} has shape {tuple(fields[suffix].shape)} but the "
+                            f"model's {what} need {tuple(shape)}.")
+  extra = sorted(set(fields) - set(expected))
+  if extra:
+    raise PeftFormatError(f"Unexpected tensors for {what}: {[key_of(s) for s in extra]}.")
