@@ -21,6 +21,11 @@ Layouts (ours (fan_in, fan_out) -> PEFT):
   ``hada_w2_b = A2.T``.
 * LoKr: ``lokr_w1 = C.T`` (or ``lokr_w1_a = C_b.T``, ``lokr_w1_b = C_a.T``),
   ``lokr_w2 = M.T`` (or ``lokr_w2_a = M_b.T``, ``lokr_w2_b = M_a.T``).
+* HRA: ``hra_u`` (in, r) = ``hra_u``.
+* FourierFT: ``fourierft_spectrum`` = the coefficients. PEFT stores no
+  locations: it redraws them from ``random_loc_seed`` with torch's generator
+  (`peft_fourier_locations`), so import sets our locations to those, and export
+  is exact only for layers whose locations are PEFT's (imported ones).
 * VeRA: ``vera_lambda_d = d``, ``vera_lambda_b = b``; shared ``vera_A`` (r,
   in_max) ``= A[:in_max].T`` and ``vera_B`` (out_max, r) ``= B[:, :out_max].T``
   with in_max / out_max the largest dims of the adapted layers (the shapes PEFT
@@ -40,7 +45,9 @@ from flax import nnx
 from lowrank_jax.adapters import layers
 from lowrank_jax.adapters.products import LoHaSpec
 from lowrank_jax.adapters.products import LoKrSpec
+from lowrank_jax.adapters.orthogonal import HRASpec
 from lowrank_jax.adapters.products import VeRASpec
+from lowrank_jax.adapters.spectral import FourierFTSpec
 from lowrank_jax.attach import adapters as adapter_sites
 from lowrank_jax.attach import attach
 from lowrank_jax.io.peft import _PREFIX
@@ -80,6 +87,7 @@ class PeftMethod(NamedTuple):
     shared_to_torch: adapters -> {name: array} stored once, or None.
     shared_from_torch: (an adapter, {name: array}) -> None, or None.
     shared_leaves: names of the adapter attributes that every layer must share.
+    export_check: adapter -> None, raises for a layer PEFT would rebuild differently.
   """
 
   peft_type: str
@@ -92,6 +100,7 @@ class PeftMethod(NamedTuple):
   shared_to_torch: Callable[[list], dict[str, np.ndarray]] | None = None
   shared_from_torch: Callable[[Any, dict[str, np.ndarray]], None] | None = None
   shared_leaves: tuple[str, ...] = ()
+  export_check: Callable[[Any], None] | None = None
 
 
 # -- LoHa --------------------------------------------------------------------------
@@ -183,6 +192,52 @@ def _vera_shared_from_torch(adapter, shared):
   _set(adapter.vera_bmat, shared["vera_B"].T)
 
 
+# -- FourierFT ---------------------------------------------------------------------
+def peft_fourier_locations(fan_in: int, fan_out: int, n: int, seed: int) -> tuple[int, ...]:
+  """PEFT's FourierFT locations as flat indices of our (fan_in, fan_out) layout.
+
+  PEFT draws ``torch.randperm(out * in, generator=manual_seed(seed))[:n]`` as
+  flat indices ``o * in + i`` of its (out, in) weight; ours are ``i * out + o``.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  flat = torch.randperm(fan_out * fan_in, generator=torch.Generator().manual_seed(seed))[:n].numpy()
+  return tuple(int(v) for v in (flat % fan_in) * fan_out + flat // fan_in)
+
+
+def _fourierft_check(adapter):
+  spec, view = adapter.spec, adapter.view
+  if spec.seed is None or tuple(adapter.locations) != peft_fourier_locations(
+      view.fan_in, view.fan_out, spec.n_frequency, spec.seed):
+    raise PeftFormatError(
+        f"FourierFT layer '{adapter.path}': PEFT does not store the frequency locations but redraws "
+        "them with torch.randperm from random_loc_seed, and this layer's locations are not those "
+        f"(seed={spec.seed}). Adapters imported from PEFT (import_peft) keep PEFT's locations and "
+        "export exactly; otherwise pass approximate_rank=r to export the closest LoRA.")
+
+
+def _fourierft_spec(config, shared):
+  del shared
+  _refuse_options(config, "FOURIERFT", dict(n_frequency_pattern={}, fan_in_fan_out=False,
+                                            bias="none"))
+  return FourierFTSpec(n_frequency=int(config["n_frequency"]), scale=float(config["scaling"]),
+                       seed=int(config["random_loc_seed"]))
+
+
+def _fourierft_from_torch(adapter, fields):
+  view = adapter.view
+  adapter.locations = peft_fourier_locations(view.fan_in, view.fan_out, adapter.spec.n_frequency,
+                                             adapter.spec.seed)
+  _set(adapter.coefficients, fields["fourierft_spectrum"])
+
+
+# -- HRA ---------------------------------------------------------------------------
+def _hra_spec(config, shared):
+  del shared
+  _refuse_options(config, "HRA", dict(apply_GS=False, bias="none"))
+  return HRASpec(rank=int(config["r"]))
+
+
 METHODS = (
     PeftMethod("LOHA", LoHaSpec, "hada_",
                lambda spec: dict(r=spec.rank, alpha=_lycoris_alpha(spec), exclude_modules=None,
@@ -194,6 +249,17 @@ METHODS = (
                lambda a: {"vera_lambda_d": _np(a.vera_d), "vera_lambda_b": _np(a.vera_b)},
                lambda a, f: (_set(a.vera_d, f["vera_lambda_d"]), _set(a.vera_b, f["vera_lambda_b"])),
                _vera_shared_to_torch, _vera_shared_from_torch, ("vera_a", "vera_bmat")),
+    PeftMethod("FOURIERFT", FourierFTSpec, "fourierft_",
+               lambda spec: dict(n_frequency=spec.n_frequency, scaling=spec.scale,
+                                 random_loc_seed=spec.seed, n_frequency_pattern={},
+                                 fan_in_fan_out=False, bias="none", init_weights=False,
+                                 exclude_modules=None),
+               _fourierft_spec, lambda a: {"fourierft_spectrum": _np(a.coefficients)},
+               _fourierft_from_torch, export_check=_fourierft_check),
+    PeftMethod("HRA", HRASpec, "hra_",
+               lambda spec: dict(r=spec.rank, apply_GS=False, init_weights=True, bias="none",
+                                 exclude_modules=None),
+               _hra_spec, lambda a: {"hra_u": _np(a.hra_u)}, lambda a, f: _set(a.hra_u, f["hra_u"])),
 )
 BY_SPEC = {m.spec_type: m for m in METHODS}
 BY_PEFT_TYPE = {m.peft_type: m for m in METHODS}
@@ -234,6 +300,8 @@ def export_methods(sites, *, module_prefix: str, base_model_name_or_path: str | 
   tensors = {}
   for path, adapter in sorted(sites, key=lambda site: site[0]):
     _check_linear(path, adapter.view, method.peft_type)
+    if method.export_check is not None:
+      method.export_check(adapter)
     name = _torch_name(path, module_prefix)
     for suffix, value in method.to_torch(adapter).items():
       tensors[f"{_PREFIX}{name}.{suffix}"] = np.ascontiguousarray(value)
@@ -269,7 +337,12 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
       raise PeftFormatError(f"Unexpected tensor name {key!r} (expected the prefix {_PREFIX!r}).")
   if not sites:
     raise PeftFormatError(f"The {method.peft_type} adapter file holds no layer tensors.")
-  spec = method.spec(config, shared)
+  try:
+    spec = method.spec(config, shared)
+  except PeftFormatError:
+    raise
+  except (ValueError, KeyError) as e:
+    raise PeftFormatError(f"PEFT {method.peft_type} config is not supported here: {e!r}") from None
   modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
   built = []
   for path, fields in sorted(sites.items()):

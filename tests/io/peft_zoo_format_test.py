@@ -1,4 +1,4 @@
-"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA), both directions.
+"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT).
 
 On the torch / NNX twin network of peft_parity_test.py: our randomized adapter
 exported with export_peft loads with peft.PeftModel.from_pretrained and gives
@@ -32,6 +32,7 @@ EXPORT_CASES = [
     ("lokr", dict(rank=2, decompose_factor=2)),
     ("vera", dict(rank=4, projection_seed=3, d_initial=0.2)),
     ("vera", dict(rank=3, basis_shape=(16, 14))),  # a basis larger than the layers
+    ("hra", dict(rank=4)),
 ]
 
 
@@ -69,6 +70,9 @@ IMPORT_CASES = [
     ("lokr", lambda t: peft.LoKrConfig(r=2, alpha=4, decompose_factor=2, target_modules=t), "lokr_"),
     ("vera", lambda t: peft.VeraConfig(r=4, projection_prng_key=7, target_modules=t),
      "vera_lambda"),
+    ("hra", lambda t: peft.HRAConfig(r=4, target_modules=t), "hra_u"),
+    ("fourierft", lambda t: peft.FourierFTConfig(n_frequency=9, scaling=30.0, random_loc_seed=5,
+                                                 target_modules=t), "fourierft_spectrum"),
 ]
 
 
@@ -101,6 +105,27 @@ def test_round_trip_through_the_file_keeps_every_leaf(tmp_path):
   x = jnp.asarray(twin._x())
   np.testing.assert_allclose(np.asarray(fresh(x)), np.asarray(net(x)), rtol=1e-6, atol=1e-6)
   assert fresh.out.vera_a is fresh.layers[0].query.vera_a  # one shared basis again
+
+
+def test_fourierft_from_peft_exports_back_exactly_and_native_locations_are_refused(tmp_path):
+  torch_net, net = twin._twins(seed=3)
+  config = peft.FourierFTConfig(n_frequency=9, scaling=30.0, random_loc_seed=5,
+                                target_modules=twin.TARGETS)
+  model = peft.get_peft_model(torch_net, config).double()
+  model.save_pretrained(str(tmp_path / "theirs"))  # init_weights=False: random spectrum
+  lrj_io.import_peft(str(tmp_path / "theirs"), net)
+  twin._randomize(net, seed=6)  # train ours further, then send it back to PEFT
+  lrj_io.export_peft(net, str(tmp_path / "ours"))
+  fresh_torch, _ = twin._twins(seed=3)
+  loaded = peft.PeftModel.from_pretrained(fresh_torch, str(tmp_path / "ours")).double()
+  x = twin._x(seed=7)
+  np.testing.assert_allclose(twin._torch_out(loaded, x), np.asarray(net(jnp.asarray(x))),
+                             rtol=1e-5, atol=1e-5)
+
+  _, native = twin._twins()
+  twin._attach(native, "fourierft", n_frequency=9, seed=5)
+  with pytest.raises(lrj_io.PeftFormatError, match="redraws them with torch.randperm"):
+    lrj_io.export_peft(native, str(tmp_path / "native"))
 
 
 # -- bad input ---------------------------------------------------------------------
@@ -152,6 +177,14 @@ def test_vera_shared_projection_mismatch_and_missing_tensor(tmp_path):
 
 
 def test_peft_options_we_do_not_implement_are_refused(tmp_path):
+  path = _exported(tmp_path / "hra", "hra", rank=2)
+  config = json.load(open(path / "adapter_config.json"))
+  config["r"] = 3
+  json.dump(config, open(path / "adapter_config.json", "w"))
+  _, net = twin._twins()
+  with pytest.raises(lrj_io.PeftFormatError, match="HRA config is not supported here.*even"):
+    lrj_io.import_peft(str(path), net)
+
   path = _exported(tmp_path)
   config = json.load(open(path / "adapter_config.json"))
   config["rank_dropout"] = 0.1
