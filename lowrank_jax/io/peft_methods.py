@@ -22,6 +22,9 @@ Layouts (ours (fan_in, fan_out) -> PEFT):
 * LoKr: ``lokr_w1 = C.T`` (or ``lokr_w1_a = C_b.T``, ``lokr_w1_b = C_a.T``),
   ``lokr_w2 = M.T`` (or ``lokr_w2_a = M_b.T``, ``lokr_w2_b = M_a.T``).
 * HRA: ``hra_u`` (in, r) = ``hra_u``.
+* OFT: ``oft_R.weight`` (k, b(b-1)/2) = ``oft_q`` with PEFT's Neumann series
+  (``num_cayley_neumann_terms = cayley_neumann_order + 2``), ``-oft_q`` with
+  the exact Cayley transform (PEFT's exact branch is ``cayley(-Q)``).
 * FourierFT: ``fourierft_spectrum`` = the coefficients. PEFT stores no
   locations: it redraws them from ``random_loc_seed`` with torch's generator
   (`peft_fourier_locations`), so import sets our locations to those, and export
@@ -46,6 +49,7 @@ from lowrank_jax.adapters import layers
 from lowrank_jax.adapters.products import LoHaSpec
 from lowrank_jax.adapters.products import LoKrSpec
 from lowrank_jax.adapters.orthogonal import HRASpec
+from lowrank_jax.adapters.orthogonal import OFTSpec
 from lowrank_jax.adapters.products import VeRASpec
 from lowrank_jax.adapters.spectral import FourierFTSpec
 from lowrank_jax.attach import adapters as adapter_sites
@@ -80,7 +84,7 @@ class PeftMethod(NamedTuple):
     peft_type: PEFT's ``peft_type``.
     spec_type: our `AdapterSpec` subclass.
     key_prefix: the start of the method's tensor suffixes (``hada_``).
-    config: spec -> PEFT config fields; raises for options PEFT cannot express.
+    config: (spec, adapters) -> PEFT config fields; raises for options PEFT cannot express.
     spec: (PEFT config, shared tensors) -> spec; raises for unsupported options.
     to_torch: adapter -> {suffix: array in PEFT's layout}.
     from_torch: (adapter, {suffix: array}) -> None, sets the leaves.
@@ -93,7 +97,7 @@ class PeftMethod(NamedTuple):
   peft_type: str
   spec_type: type
   key_prefix: str
-  config: Callable[[Any], dict]
+  config: Callable[[Any, list], dict]
   spec: Callable[[dict, dict], Any]
   to_torch: Callable[[Any], dict[str, np.ndarray]]
   from_torch: Callable[[Any, dict[str, np.ndarray]], None]
@@ -125,7 +129,8 @@ _LOKR_NAMES = {"lokr_c": "lokr_w1", "lokr_c_a": "lokr_w1_b", "lokr_c_b": "lokr_w
                "lokr_m": "lokr_w2", "lokr_m_a": "lokr_w2_b", "lokr_m_b": "lokr_w2_a"}
 
 
-def _lokr_config(spec):
+def _lokr_config(spec, adapters):
+  del adapters
   if spec.kron_shape is not None:
     raise PeftFormatError(f"lokr kron_shape={spec.kron_shape} has no PEFT equivalent (PEFT derives "
                           "the Kronecker shape from decompose_factor); use decompose_factor.")
@@ -158,7 +163,8 @@ def _transposed_from_torch(names: dict[str, str]):
 
 
 # -- VeRA --------------------------------------------------------------------------
-def _vera_config(spec):
+def _vera_config(spec, adapters):
+  del adapters
   return dict(r=spec.rank, d_initial=spec.d_initial, projection_prng_key=spec.projection_seed,
               save_projection=True, vera_dropout=spec.dropout, fan_in_fan_out=False, bias="none",
               init_weights=True)
@@ -231,6 +237,44 @@ def _fourierft_from_torch(adapter, fields):
   _set(adapter.coefficients, fields["fourierft_spectrum"])
 
 
+# -- OFT ---------------------------------------------------------------------------
+def _oft_config(spec, adapters):
+  sizes = {a.block_size for a in adapters}
+  counts = {a.num_blocks for a in adapters}
+  if spec.num_blocks is not None or (len(sizes) > 1 and len(counts) == 1):
+    r, block_size = counts.pop(), 0
+  elif len(sizes) == 1:
+    r, block_size = 0, sizes.pop()
+  else:
+    raise PeftFormatError(f"PEFT's OFT config holds one oft_block_size or one r (number of blocks) "
+                          f"for every layer; the layers use block sizes {sorted(sizes)} and block "
+                          f"counts {sorted(counts)}. Set block_size or num_blocks on the spec.")
+  order = spec.cayley_neumann_order
+  return dict(r=r, oft_block_size=block_size, block_share=spec.block_share,
+              use_cayley_neumann=order > 0, num_cayley_neumann_terms=order + 2 if order else 5,
+              coft=False, eps=6e-5, module_dropout=0.0, fan_in_fan_out=False, bias="none",
+              init_weights=True, exclude_modules=None)
+
+
+def _oft_spec(config, shared):
+  del shared
+  _refuse_options(config, "OFT", dict(coft=False, module_dropout=0.0, fan_in_fan_out=False,
+                                      bias="none"))
+  neumann = bool(config.get("use_cayley_neumann", True))
+  terms = int(config.get("num_cayley_neumann_terms", 5))
+  if neumann and terms < 3:
+    raise PeftFormatError(f"PEFT OFT num_cayley_neumann_terms={terms} is not supported here (>= 3).")
+  r, block_size = int(config.get("r", 0)), int(config.get("oft_block_size", 0))
+  return OFTSpec(block_size=block_size or None, num_blocks=None if block_size else r,
+                 block_share=bool(config.get("block_share", False)),
+                 cayley_neumann_order=terms - 2 if neumann else 0)
+
+
+def _oft_sign(adapter) -> float:
+  """PEFT's exact Cayley branch is cayley(-Q); its Neumann branch has our sign."""
+  return 1.0 if adapter.spec.cayley_neumann_order else -1.0
+
+
 # -- HRA ---------------------------------------------------------------------------
 def _hra_spec(config, shared):
   del shared
@@ -240,7 +284,7 @@ def _hra_spec(config, shared):
 
 METHODS = (
     PeftMethod("LOHA", LoHaSpec, "hada_",
-               lambda spec: dict(r=spec.rank, alpha=_lycoris_alpha(spec), exclude_modules=None,
+               lambda spec, _: dict(r=spec.rank, alpha=_lycoris_alpha(spec), exclude_modules=None,
                                  **_LYCORIS_OPTIONS),
                _loha_spec, _transposed_to_torch(_LOHA_NAMES), _transposed_from_torch(_LOHA_NAMES)),
     PeftMethod("LOKR", LoKrSpec, "lokr_", _lokr_config, _lokr_spec,
@@ -250,16 +294,19 @@ METHODS = (
                lambda a, f: (_set(a.vera_d, f["vera_lambda_d"]), _set(a.vera_b, f["vera_lambda_b"])),
                _vera_shared_to_torch, _vera_shared_from_torch, ("vera_a", "vera_bmat")),
     PeftMethod("FOURIERFT", FourierFTSpec, "fourierft_",
-               lambda spec: dict(n_frequency=spec.n_frequency, scaling=spec.scale,
+               lambda spec, _: dict(n_frequency=spec.n_frequency, scaling=spec.scale,
                                  random_loc_seed=spec.seed, n_frequency_pattern={},
                                  fan_in_fan_out=False, bias="none", init_weights=False,
                                  exclude_modules=None),
                _fourierft_spec, lambda a: {"fourierft_spectrum": _np(a.coefficients)},
                _fourierft_from_torch, export_check=_fourierft_check),
     PeftMethod("HRA", HRASpec, "hra_",
-               lambda spec: dict(r=spec.rank, apply_GS=False, init_weights=True, bias="none",
+               lambda spec, _: dict(r=spec.rank, apply_GS=False, init_weights=True, bias="none",
                                  exclude_modules=None),
                _hra_spec, lambda a: {"hra_u": _np(a.hra_u)}, lambda a, f: _set(a.hra_u, f["hra_u"])),
+    PeftMethod("OFT", OFTSpec, "oft_", _oft_config, _oft_spec,
+               lambda a: {"oft_R.weight": _oft_sign(a) * _np(a.oft_q)},
+               lambda a, f: _set(a.oft_q, _oft_sign(a) * f["oft_R.weight"])),
 )
 BY_SPEC = {m.spec_type: m for m in METHODS}
 BY_PEFT_TYPE = {m.peft_type: m for m in METHODS}
@@ -312,7 +359,7 @@ def export_methods(sites, *, module_prefix: str, base_model_name_or_path: str | 
                 base_model_name_or_path=base_model_name_or_path,
                 target_modules=sorted(_torch_name(p, module_prefix) for p, _ in sites),
                 modules_to_save=None, layers_to_transform=None, layers_pattern=None,
-                inference_mode=True, **method.config(sites[0][1].spec))
+                inference_mode=True, **method.config(sites[0][1].spec, [adapter for _, adapter in sites]))
   return config, tensors
 
 

@@ -1,4 +1,4 @@
-"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT).
+"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT, OFT).
 
 On the torch / NNX twin network of peft_parity_test.py: our randomized adapter
 exported with export_peft loads with peft.PeftModel.from_pretrained and gives
@@ -33,6 +33,8 @@ EXPORT_CASES = [
     ("vera", dict(rank=4, projection_seed=3, d_initial=0.2)),
     ("vera", dict(rank=3, basis_shape=(16, 14))),  # a basis larger than the layers
     ("hra", dict(rank=4)),
+    ("oft", dict(block_size=2)),  # exact Cayley
+    ("oft", dict(num_blocks=2, cayley_neumann_order=3)),  # Neumann series, blocks of 6 and 5
 ]
 
 
@@ -71,6 +73,9 @@ IMPORT_CASES = [
     ("vera", lambda t: peft.VeraConfig(r=4, projection_prng_key=7, target_modules=t),
      "vera_lambda"),
     ("hra", lambda t: peft.HRAConfig(r=4, target_modules=t), "hra_u"),
+    ("oft", lambda t: peft.OFTConfig(r=0, oft_block_size=2, target_modules=t), "oft_R"),
+    ("oft", lambda t: peft.OFTConfig(r=0, oft_block_size=5, use_cayley_neumann=False,
+                                     target_modules=["layers.1.query", "out"]), "oft_R"),
     ("fourierft", lambda t: peft.FourierFTConfig(n_frequency=9, scaling=30.0, random_loc_seed=5,
                                                  target_modules=t), "fourierft_spectrum"),
 ]
