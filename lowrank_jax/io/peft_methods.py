@@ -25,6 +25,11 @@ Layouts (ours (fan_in, fan_out) -> PEFT):
 * OFT: ``oft_R.weight`` (k, b(b-1)/2) = ``oft_q`` with PEFT's Neumann series
   (``num_cayley_neumann_terms = cayley_neumann_order + 2``), ``-oft_q`` with
   the exact Cayley transform (PEFT's exact branch is ``cayley(-Q)``).
+* BOFT: ``boft_R`` (m, k, b, b) = the skew matrices of ``-boft_q`` (PEFT uses
+  only the skew part ``(R - R^T) / 2`` of its full matrices, so import is
+  exact), ``boft_s`` (out, 1) = ``boft_scale``. PEFT without its CUDA
+  extension builds m = 1 whatever the config says, so a file with m > 1 loads
+  in PEFT only where that extension is available.
 * FourierFT: ``fourierft_spectrum`` = the coefficients. PEFT stores no
   locations: it redraws them from ``random_loc_seed`` with torch's generator
   (`peft_fourier_locations`), so import sets our locations to those, and export
@@ -48,6 +53,8 @@ from flax import nnx
 from lowrank_jax.adapters import layers
 from lowrank_jax.adapters.products import LoHaSpec
 from lowrank_jax.adapters.products import LoKrSpec
+from lowrank_jax import linalg
+from lowrank_jax.adapters.orthogonal import BOFTSpec
 from lowrank_jax.adapters.orthogonal import HRASpec
 from lowrank_jax.adapters.orthogonal import OFTSpec
 from lowrank_jax.adapters.products import VeRASpec
@@ -238,17 +245,21 @@ def _fourierft_from_torch(adapter, fields):
 
 
 # -- OFT ---------------------------------------------------------------------------
-def _oft_config(spec, adapters):
+def _block_layout(spec, adapters, method: str) -> tuple[int, int]:
+  """(number of blocks, block size) for the config, one of them 0 as PEFT wants."""
   sizes = {a.block_size for a in adapters}
   counts = {a.num_blocks for a in adapters}
   if spec.num_blocks is not None or (len(sizes) > 1 and len(counts) == 1):
-    r, block_size = counts.pop(), 0
-  elif len(sizes) == 1:
-    r, block_size = 0, sizes.pop()
-  else:
-    raise PeftFormatError(f"PEFT's OFT config holds one oft_block_size or one r (number of blocks) "
-                          f"for every layer; the layers use block sizes {sorted(sizes)} and block "
-                          f"counts {sorted(counts)}. Set block_size or num_blocks on the spec.")
+    return counts.pop(), 0
+  if len(sizes) == 1:
+    return 0, sizes.pop()
+  raise PeftFormatError(f"PEFT's {method} config holds one block size or one number of blocks "
+                        f"for every layer; the layers use block sizes {sorted(sizes)} and block "
+                        f"counts {sorted(counts)}. Set block_size or num_blocks on the spec.")
+
+
+def _oft_config(spec, adapters):
+  r, block_size = _block_layout(spec, adapters, "OFT")
   order = spec.cayley_neumann_order
   return dict(r=r, oft_block_size=block_size, block_share=spec.block_share,
               use_cayley_neumann=order > 0, num_cayley_neumann_terms=order + 2 if order else 5,
@@ -273,6 +284,37 @@ def _oft_spec(config, shared):
 def _oft_sign(adapter) -> float:
   """PEFT's exact Cayley branch is cayley(-Q); its Neumann branch has our sign."""
   return 1.0 if adapter.spec.cayley_neumann_order else -1.0
+
+
+# -- BOFT --------------------------------------------------------------------------
+def _boft_config(spec, adapters):
+  if spec.cayley_neumann_order:
+    raise PeftFormatError(f"boft cayley_neumann_order={spec.cayley_neumann_order} has no PEFT "
+                          "equivalent (PEFT's BOFT uses the exact Cayley transform).")
+  num_blocks, block_size = _block_layout(spec, adapters, "BOFT")
+  return dict(boft_block_size=block_size, boft_block_num=num_blocks,
+              boft_n_butterfly_factor=spec.butterfly_factors, boft_dropout=0.0,
+              fan_in_fan_out=False, bias="none", init_weights=True, exclude_modules=None)
+
+
+def _boft_spec(config, shared):
+  del shared
+  _refuse_options(config, "BOFT", dict(boft_dropout=0.0, fan_in_fan_out=False, bias="none"))
+  num_blocks, block_size = int(config.get("boft_block_num", 0)), int(config.get("boft_block_size", 0))
+  return BOFTSpec(butterfly_factors=int(config.get("boft_n_butterfly_factor", 1)),
+                  block_size=block_size or None, num_blocks=None if block_size else num_blocks)
+
+
+def _boft_to_torch(adapter):
+  q = _np(adapter.boft_q)
+  skew = np.asarray(linalg.skew_from_vector(-q, adapter.block_size), np.float32)
+  return {"boft_R": skew, "boft_s": _np(adapter.boft_scale)[:, None]}
+
+
+def _boft_from_torch(adapter, fields):
+  r = fields["boft_R"].astype(np.float32)
+  _set(adapter.boft_q, -np.asarray(linalg.skew_to_vector(0.5 * (r - np.swapaxes(r, -1, -2)))))
+  _set(adapter.boft_scale, fields["boft_s"][:, 0])
 
 
 # -- HRA ---------------------------------------------------------------------------
@@ -307,6 +349,8 @@ METHODS = (
     PeftMethod("OFT", OFTSpec, "oft_", _oft_config, _oft_spec,
                lambda a: {"oft_R.weight": _oft_sign(a) * _np(a.oft_q)},
                lambda a, f: _set(a.oft_q, _oft_sign(a) * f["oft_R.weight"])),
+    PeftMethod("BOFT", BOFTSpec, "boft_", _boft_config, _boft_spec, _boft_to_torch,
+               _boft_from_torch),
 )
 BY_SPEC = {m.spec_type: m for m in METHODS}
 BY_PEFT_TYPE = {m.peft_type: m for m in METHODS}

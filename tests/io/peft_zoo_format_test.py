@@ -1,4 +1,4 @@
-"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT, OFT).
+"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT).
 
 On the torch / NNX twin network of peft_parity_test.py: our randomized adapter
 exported with export_peft loads with peft.PeftModel.from_pretrained and gives
@@ -17,12 +17,26 @@ from flax import nnx
 
 import lowrank_jax as lrj
 from lowrank_jax import io as lrj_io
+from lowrank_jax.attach import adapters as adapter_sites
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import peft_parity_test as twin  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+class _BlockDiagonalExtension:
+  """Stands in for PEFT's fbd_cuda extension, so that BOFT keeps m > 1 on CPU."""
+
+  @staticmethod
+  def forward(blocks):
+    return [torch.stack([torch.block_diag(*torch.unbind(b)) for b in blocks])]
+
+
+def _boft_extension(monkeypatch):
+  from peft.tuners.boft import layer as boft_layer  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: _BlockDiagonalExtension)
+
 
 EXPORT_CASES = [
     ("loha", dict(rank=3, alpha=5.0)),
@@ -35,6 +49,8 @@ EXPORT_CASES = [
     ("hra", dict(rank=4)),
     ("oft", dict(block_size=2)),  # exact Cayley
     ("oft", dict(num_blocks=2, cayley_neumann_order=3)),  # Neumann series, blocks of 6 and 5
+    ("boft", dict(butterfly_factors=1, block_size=2)),
+    ("boft", dict(butterfly_factors=1, num_blocks=2)),
 ]
 
 
@@ -46,7 +62,8 @@ def _layer(root, dotted):
 
 @pytest.mark.parametrize("method,hp", EXPORT_CASES,
                          ids=[f"{m}-{i}" for i, (m, _) in enumerate(EXPORT_CASES)])
-def test_export_loads_in_peft_with_same_outputs_and_merge(method, hp, tmp_path):
+def test_export_loads_in_peft_with_same_outputs_and_merge(method, hp, tmp_path, monkeypatch):
+  _boft_extension(monkeypatch)
   torch_net, net = twin._twins()
   twin._attach(net, method, **hp)
   twin._randomize(net)
@@ -76,6 +93,9 @@ IMPORT_CASES = [
     ("oft", lambda t: peft.OFTConfig(r=0, oft_block_size=2, target_modules=t), "oft_R"),
     ("oft", lambda t: peft.OFTConfig(r=0, oft_block_size=5, use_cayley_neumann=False,
                                      target_modules=["layers.1.query", "out"]), "oft_R"),
+    ("boft", lambda t: peft.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2,  # fan_in 12
+                                       target_modules=["layers.0.query", "layers.0.value"]),
+     "boft_"),
     ("fourierft", lambda t: peft.FourierFTConfig(n_frequency=9, scaling=30.0, random_loc_seed=5,
                                                  target_modules=t), "fourierft_spectrum"),
 ]
@@ -83,7 +103,9 @@ IMPORT_CASES = [
 
 @pytest.mark.parametrize("method,config,trained", IMPORT_CASES,
                          ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(IMPORT_CASES)])
-def test_import_of_a_peft_adapter_gives_peft_outputs(method, config, trained, tmp_path):
+def test_import_of_a_peft_adapter_gives_peft_outputs(method, config, trained, tmp_path,
+                                                     monkeypatch):
+  _boft_extension(monkeypatch)
   torch_net, net = twin._twins(seed=3)
   model = peft.get_peft_model(torch_net, config(twin.TARGETS)).double()
   torch.manual_seed(4)
@@ -96,8 +118,21 @@ def test_import_of_a_peft_adapter_gives_peft_outputs(method, config, trained, tm
   expected = twin._torch_out(model, x)
   model.save_pretrained(str(tmp_path))
   lrj_io.import_peft(str(tmp_path), net)
-  assert isinstance(net.out.spec, type(lrj.adapters.get(method)))
+  assert {type(a.spec) for _, a in adapter_sites(net)} == {type(lrj.adapters.get(method))}
   np.testing.assert_allclose(np.asarray(net(jnp.asarray(x))), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_boft_with_two_butterfly_factors_exports_to_peft(tmp_path, monkeypatch):
+  _boft_extension(monkeypatch)
+  torch_net, net = twin._twins()
+  lrj.attach(net, [(r"layers/0/(query|value)", lrj.adapters.boft(butterfly_factors=2, block_size=2))],
+             rngs=nnx.Rngs(0))
+  twin._randomize(net)
+  x = twin._x()
+  lrj_io.export_peft(net, str(tmp_path))
+  loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path)).double()
+  np.testing.assert_allclose(twin._torch_out(loaded, x), np.asarray(net(jnp.asarray(x))),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_round_trip_through_the_file_keeps_every_leaf(tmp_path):
