@@ -25,6 +25,9 @@ Layouts (ours (fan_in, fan_out) -> PEFT):
 * OFT: ``oft_R.weight`` (k, b(b-1)/2) = ``oft_q`` with PEFT's Neumann series
   (``num_cayley_neumann_terms = cayley_neumann_order + 2``), ``-oft_q`` with
   the exact Cayley transform (PEFT's exact branch is ``cayley(-Q)``).
+* MiSS / Bat (PEFT's MISS with ``init_weights`` True or 'mini' / 'bat'):
+  ``miss_block`` = ``miss_block`` (r, out or mini_r) / ``bat_blocks``
+  (out / r, r, r), the same layout.
 * BOFT: ``boft_R`` (m, k, b, b) = the skew matrices of ``-boft_q`` (PEFT uses
   only the skew part ``(R - R^T) / 2`` of its full matrices, so import is
   exact), ``boft_s`` (out, 1) = ``boft_scale``. PEFT without its CUDA
@@ -54,6 +57,8 @@ from lowrank_jax.adapters import layers
 from lowrank_jax.adapters.products import LoHaSpec
 from lowrank_jax.adapters.products import LoKrSpec
 from lowrank_jax import linalg
+from lowrank_jax.adapters.highrank import BatSpec
+from lowrank_jax.adapters.highrank import MiSSSpec
 from lowrank_jax.adapters.orthogonal import BOFTSpec
 from lowrank_jax.adapters.orthogonal import HRASpec
 from lowrank_jax.adapters.orthogonal import OFTSpec
@@ -89,7 +94,7 @@ class PeftMethod(NamedTuple):
 
   Attributes:
     peft_type: PEFT's ``peft_type``.
-    spec_type: our `AdapterSpec` subclass.
+    spec_types: our `AdapterSpec` subclasses written as this ``peft_type``.
     key_prefix: the start of the method's tensor suffixes (``hada_``).
     config: (spec, adapters) -> PEFT config fields; raises for options PEFT cannot express.
     spec: (PEFT config, shared tensors) -> spec; raises for unsupported options.
@@ -102,7 +107,7 @@ class PeftMethod(NamedTuple):
   """
 
   peft_type: str
-  spec_type: type
+  spec_types: tuple[type, ...]
   key_prefix: str
   config: Callable[[Any, list], dict]
   spec: Callable[[dict, dict], Any]
@@ -317,6 +322,42 @@ def _boft_from_torch(adapter, fields):
   _set(adapter.boft_scale, fields["boft_s"][:, 0])
 
 
+# -- MiSS / Bat (PEFT's MISS tuner, init_weights True / 'mini' / 'bat') ------------------
+def _uniform_rows(adapters, leaf: str, axis: int) -> int:
+  sizes = {getattr(a, leaf).shape[axis] for a in adapters}
+  if len(sizes) > 1:
+    raise PeftFormatError(f"PEFT's MISS config holds one r for every layer; the layers use "
+                          f"{sorted(sizes)}. Set rank on the spec.")
+  return sizes.pop()
+
+
+def _miss_config(spec, adapters):
+  common = dict(miss_dropout=0.0, bias="none", exclude_modules=None)
+  if isinstance(spec, BatSpec):
+    return dict(r=_uniform_rows(adapters, "bat_blocks", 1), init_weights="bat", mini_r=1, **common)
+  r = _uniform_rows(adapters, "miss_block", 0)
+  if spec.mini_r is None:
+    return dict(r=r, init_weights=True, mini_r=1, **common)
+  return dict(r=r, init_weights="mini", mini_r=spec.mini_r, **common)
+
+
+def _miss_spec(config, shared):
+  del shared
+  _refuse_options(config, "MISS", dict(miss_dropout=0.0, bias="none"))
+  init, r = config.get("init_weights", True), int(config["r"])
+  if init == "bat":
+    return BatSpec(rank=r)
+  if init == "mini":
+    return MiSSSpec(rank=r, mini_r=int(config["mini_r"]))
+  if init is True:
+    return MiSSSpec(rank=r)
+  raise PeftFormatError(f"PEFT MISS init_weights={init!r} is not supported here (True, 'mini', 'bat').")
+
+
+def _miss_leaf(adapter):
+  return adapter.bat_blocks if isinstance(adapter.spec, BatSpec) else adapter.miss_block
+
+
 # -- HRA ---------------------------------------------------------------------------
 def _hra_spec(config, shared):
   del shared
@@ -325,34 +366,37 @@ def _hra_spec(config, shared):
 
 
 METHODS = (
-    PeftMethod("LOHA", LoHaSpec, "hada_",
+    PeftMethod("LOHA", (LoHaSpec,), "hada_",
                lambda spec, _: dict(r=spec.rank, alpha=_lycoris_alpha(spec), exclude_modules=None,
                                  **_LYCORIS_OPTIONS),
                _loha_spec, _transposed_to_torch(_LOHA_NAMES), _transposed_from_torch(_LOHA_NAMES)),
-    PeftMethod("LOKR", LoKrSpec, "lokr_", _lokr_config, _lokr_spec,
+    PeftMethod("LOKR", (LoKrSpec,), "lokr_", _lokr_config, _lokr_spec,
                _transposed_to_torch(_LOKR_NAMES), _transposed_from_torch(_LOKR_NAMES)),
-    PeftMethod("VERA", VeRASpec, "vera_", _vera_config, _vera_spec,
+    PeftMethod("VERA", (VeRASpec,), "vera_", _vera_config, _vera_spec,
                lambda a: {"vera_lambda_d": _np(a.vera_d), "vera_lambda_b": _np(a.vera_b)},
                lambda a, f: (_set(a.vera_d, f["vera_lambda_d"]), _set(a.vera_b, f["vera_lambda_b"])),
                _vera_shared_to_torch, _vera_shared_from_torch, ("vera_a", "vera_bmat")),
-    PeftMethod("FOURIERFT", FourierFTSpec, "fourierft_",
+    PeftMethod("FOURIERFT", (FourierFTSpec,), "fourierft_",
                lambda spec, _: dict(n_frequency=spec.n_frequency, scaling=spec.scale,
                                  random_loc_seed=spec.seed, n_frequency_pattern={},
                                  fan_in_fan_out=False, bias="none", init_weights=False,
                                  exclude_modules=None),
                _fourierft_spec, lambda a: {"fourierft_spectrum": _np(a.coefficients)},
                _fourierft_from_torch, export_check=_fourierft_check),
-    PeftMethod("HRA", HRASpec, "hra_",
+    PeftMethod("HRA", (HRASpec,), "hra_",
                lambda spec, _: dict(r=spec.rank, apply_GS=False, init_weights=True, bias="none",
                                  exclude_modules=None),
                _hra_spec, lambda a: {"hra_u": _np(a.hra_u)}, lambda a, f: _set(a.hra_u, f["hra_u"])),
-    PeftMethod("OFT", OFTSpec, "oft_", _oft_config, _oft_spec,
+    PeftMethod("OFT", (OFTSpec,), "oft_", _oft_config, _oft_spec,
                lambda a: {"oft_R.weight": _oft_sign(a) * _np(a.oft_q)},
                lambda a, f: _set(a.oft_q, _oft_sign(a) * f["oft_R.weight"])),
-    PeftMethod("BOFT", BOFTSpec, "boft_", _boft_config, _boft_spec, _boft_to_torch,
+    PeftMethod("MISS", (MiSSSpec, BatSpec), "miss_", _miss_config, _miss_spec,
+               lambda a: {"miss_block": _np(_miss_leaf(a))},
+               lambda a, f: _set(_miss_leaf(a), f["miss_block"])),
+    PeftMethod("BOFT", (BOFTSpec,), "boft_", _boft_config, _boft_spec, _boft_to_torch,
                _boft_from_torch),
 )
-BY_SPEC = {m.spec_type: m for m in METHODS}
+BY_SPEC = {t: m for m in METHODS for t in m.spec_types}
 BY_PEFT_TYPE = {m.peft_type: m for m in METHODS}
 
 

@@ -1,4 +1,4 @@
-"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT).
+"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT, MiSS/Bat).
 
 On the torch / NNX twin network of peft_parity_test.py: our randomized adapter
 exported with export_peft loads with peft.PeftModel.from_pretrained and gives
@@ -51,6 +51,9 @@ EXPORT_CASES = [
     ("oft", dict(num_blocks=2, cayley_neumann_order=3)),  # Neumann series, blocks of 6 and 5
     ("boft", dict(butterfly_factors=1, block_size=2)),
     ("boft", dict(butterfly_factors=1, num_blocks=2)),
+    ("miss", dict(rank=4)),
+    ("miss", dict(rank=5, mini_r=2)),  # 12 = 5 + 5 + 2: a partial last chunk
+    ("bat", dict(rank=2)),
 ]
 
 
@@ -71,7 +74,7 @@ def test_export_loads_in_peft_with_same_outputs_and_merge(method, hp, tmp_path, 
   ours = np.asarray(net(jnp.asarray(x)))
   assert lrj_io.export_peft(net, str(tmp_path)) == {}
   config = json.load(open(tmp_path / "adapter_config.json"))
-  assert config["peft_type"] == method.upper()
+  assert config["peft_type"] == {"bat": "MISS"}.get(method, method.upper())
   loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path)).double()
   loaded.eval()
   np.testing.assert_allclose(twin._torch_out(loaded, x), ours, rtol=1e-5, atol=1e-5)
@@ -98,6 +101,10 @@ IMPORT_CASES = [
      "boft_"),
     ("fourierft", lambda t: peft.FourierFTConfig(n_frequency=9, scaling=30.0, random_loc_seed=5,
                                                  target_modules=t), "fourierft_spectrum"),
+    ("miss", lambda t: peft.MissConfig(r=4, target_modules=t), "miss_block"),
+    ("miss", lambda t: peft.MissConfig(r=4, mini_r=2, init_weights="mini", target_modules=t),
+     "miss_block"),
+    ("bat", lambda t: peft.MissConfig(r=2, init_weights="bat", target_modules=t), "miss_block"),
 ]
 
 
