@@ -28,6 +28,11 @@ Layouts (ours (fan_in, fan_out) -> PEFT):
 * MiSS / Bat (PEFT's MISS with ``init_weights`` True or 'mini' / 'bat'):
   ``miss_block`` = ``miss_block`` (r, out or mini_r) / ``bat_blocks``
   (out / r, r, r), the same layout.
+* AdaLoRA: ``lora_A = a.T`` (r, in), ``lora_B = b.T`` (out, r), ``lora_E``
+  (r, 1) = the diagonal core (pruned values are zeros). PEFT scales by
+  ``lora_alpha / (ranknum + 1e-5)``, ours by ``alpha / r``: a relative
+  difference of 1e-5 / r. Files pruned by PEFT (``rank_pattern`` set, tensors
+  trimmed per layer) are refused on import.
 * BOFT: ``boft_R`` (m, k, b, b) = the skew matrices of ``-boft_q`` (PEFT uses
   only the skew part ``(R - R^T) / 2`` of its full matrices, so import is
   exact), ``boft_s`` (out, 1) = ``boft_scale``. PEFT without its CUDA
@@ -57,6 +62,7 @@ from lowrank_jax.adapters import layers
 from lowrank_jax.adapters.products import LoHaSpec
 from lowrank_jax.adapters.products import LoKrSpec
 from lowrank_jax import linalg
+from lowrank_jax.adapters.adalora import AdaLoRASpec
 from lowrank_jax.adapters.highrank import BatSpec
 from lowrank_jax.adapters.highrank import MiSSSpec
 from lowrank_jax.adapters.orthogonal import BOFTSpec
@@ -358,6 +364,43 @@ def _miss_leaf(adapter):
   return adapter.bat_blocks if isinstance(adapter.spec, BatSpec) else adapter.miss_block
 
 
+# -- AdaLoRA -----------------------------------------------------------------------
+_ADALORA_FREE = ("rank", "alpha", "init", "factor_std", "param_dtype")  # the rest: our defaults
+
+
+def _adalora_config(spec, adapters):
+  del adapters
+  default = AdaLoRASpec()
+  changed = [f.name for f in dataclasses.fields(spec) if f.name not in _ADALORA_FREE
+             and getattr(spec, f.name) != getattr(default, f.name)]
+  if changed or spec.rank is None:
+    raise PeftFormatError(f"adalora options {changed or ['rank=None']} have no PEFT equivalent "
+                          "(PEFT's AdaLoRA is a rank-r SVD-form LoRA with a diagonal core).")
+  alpha = float(spec.rank if spec.alpha is None else spec.alpha)
+  return dict(init_r=spec.rank, target_r=spec.rank, r=spec.rank, lora_alpha=alpha, lora_dropout=0.0,
+              total_step=1, tinit=0, tfinal=0, deltaT=1, rank_pattern=None, bias="none",
+              fan_in_fan_out=False, init_lora_weights=True, use_dora=False, use_rslora=False,
+              exclude_modules=None)
+
+
+def _adalora_spec(config, shared):
+  del shared
+  _refuse_options(config, "ADALORA", dict(rank_pattern=None, lora_dropout=0.0, use_dora=False,
+                                          use_rslora=False, bias="none", lora_bias=False))
+  return AdaLoRASpec(rank=int(config["init_r"]), alpha=float(config["lora_alpha"]))
+
+
+def _adalora_to_torch(adapter):
+  return {"lora_A": _np(adapter.a).T, "lora_B": _np(adapter.b).T,
+          "lora_E": _np(adapter.core).reshape(-1, 1)}
+
+
+def _adalora_from_torch(adapter, fields):
+  _set(adapter.a, fields["lora_A"].T)
+  _set(adapter.b, fields["lora_B"].T)
+  _set(adapter.core, fields["lora_E"].reshape(adapter.core.shape))
+
+
 # -- HRA ---------------------------------------------------------------------------
 def _hra_spec(config, shared):
   del shared
@@ -393,6 +436,8 @@ METHODS = (
     PeftMethod("MISS", (MiSSSpec, BatSpec), "miss_", _miss_config, _miss_spec,
                lambda a: {"miss_block": _np(_miss_leaf(a))},
                lambda a, f: _set(_miss_leaf(a), f["miss_block"])),
+    PeftMethod("ADALORA", (AdaLoRASpec,), "lora_", _adalora_config, _adalora_spec,
+               _adalora_to_torch, _adalora_from_torch),
     PeftMethod("BOFT", (BOFTSpec,), "boft_", _boft_config, _boft_spec, _boft_to_torch,
                _boft_from_torch),
 )

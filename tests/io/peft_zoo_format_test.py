@@ -1,4 +1,4 @@
-"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT, MiSS/Bat).
+"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT, MiSS/Bat, AdaLoRA).
 
 On the torch / NNX twin network of peft_parity_test.py: our randomized adapter
 exported with export_peft loads with peft.PeftModel.from_pretrained and gives
@@ -54,6 +54,7 @@ EXPORT_CASES = [
     ("miss", dict(rank=4)),
     ("miss", dict(rank=5, mini_r=2)),  # 12 = 5 + 5 + 2: a partial last chunk
     ("bat", dict(rank=2)),
+    ("adalora", dict(rank=3, alpha=5.0)),
 ]
 
 
@@ -105,6 +106,8 @@ IMPORT_CASES = [
     ("miss", lambda t: peft.MissConfig(r=4, mini_r=2, init_weights="mini", target_modules=t),
      "miss_block"),
     ("bat", lambda t: peft.MissConfig(r=2, init_weights="bat", target_modules=t), "miss_block"),
+    ("adalora", lambda t: peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=5, total_step=10,
+                                             target_modules=t), "lora_"),
 ]
 
 
@@ -231,6 +234,14 @@ def test_peft_options_we_do_not_implement_are_refused(tmp_path):
   _, net = twin._twins()
   with pytest.raises(lrj_io.PeftFormatError, match="HRA config is not supported here.*even"):
     lrj_io.import_peft(str(path), net)
+
+  path = _exported(tmp_path / "adalora", "adalora", rank=2)
+  config = json.load(open(path / "adapter_config.json"))
+  config["rank_pattern"] = {"out": [True, False]}
+  json.dump(config, open(path / "adapter_config.json", "w"))
+  with pytest.raises(lrj_io.PeftFormatError, match="ADALORA options .*rank_pattern"):
+    lrj_io.import_peft(str(path), net)
+  assert _no_adapters(net)
 
   path = _exported(tmp_path)
   config = json.load(open(path / "adapter_config.json"))
