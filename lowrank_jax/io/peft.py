@@ -311,7 +311,10 @@ def _pattern_value(patterns: dict[str, Any], name: str, default):
 
 def import_peft(directory: str, model: nnx.Module, *, module_prefix: str = "",
                 rngs: nnx.Rngs | None = None) -> nnx.Module:
-  """Attach the LoRA/DoRA adapters of a PEFT directory to ``model`` and load their weights.
+  """Attach the adapters of a PEFT directory to ``model`` and load their weights.
+
+  LoRA / DoRA here; the ``peft_type`` values of `lowrank_jax.io.peft_methods`
+  (LOHA, LOKR, VERA, FOURIERFT, HRA, OFT, MISS, ADALORA, BOFT) through its table.
 
   ``model`` is the plain base model (no adapters on the targeted layers). Every
   tensor name and shape is checked against the model before anything is

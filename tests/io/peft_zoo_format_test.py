@@ -1,4 +1,4 @@
-"""The PEFT file format of the methods beyond LoRA (LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT, MiSS/Bat, AdaLoRA).
+"""The PEFT file formats beyond LoRA: LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT, MiSS/Bat, AdaLoRA.
 
 On the torch / NNX twin network of peft_parity_test.py: our randomized adapter
 exported with export_peft loads with peft.PeftModel.from_pretrained and gives
@@ -24,6 +24,7 @@ peft = pytest.importorskip("peft")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import peft_parity_test as twin  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 class _BlockDiagonalExtension:
   """Stands in for PEFT's fbd_cuda extension, so that BOFT keeps m > 1 on CPU."""
