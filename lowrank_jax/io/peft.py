@@ -1,5 +1,8 @@
 """The Hugging Face PEFT adapter format: export and import of LoRA and DoRA adapters.
 
+(The other methods PEFT has, LoHa, LoKr, VeRA, ..., go through the table of
+`lowrank_jax.io.peft_methods`; `export_peft` and `import_peft` dispatch there.)
+
 A PEFT adapter directory holds ``adapter_config.json`` and
 ``adapter_model.safetensors`` with, for a target module ``M`` (its dotted
 torch name), the tensors ``base_model.model.M.lora_A.weight`` (r, in),
@@ -161,9 +164,11 @@ def _approximate_site(path: str, adapter, rank: int, rslora: bool) -> tuple[_Sit
 def export_peft(model: nnx.Module, directory: str, *, module_prefix: str = "",
                 base_model_name_or_path: str | None = None,
                 approximate_rank: int | None = None) -> dict[str, float]:
-  """Write the adapters of ``model`` as a PEFT LoRA adapter directory.
+  """Write the adapters of ``model`` as a PEFT adapter directory.
 
-  LoRA and DoRA adapters are written exactly. Adapters of other methods are
+  LoRA and DoRA adapters are written exactly, and so are the methods of
+  `lowrank_jax.io.peft_methods.METHODS` (LoHa, LoKr, VeRA, ...) in their own
+  PEFT format (one method and one spec per model). Adapters of other methods are
   refused, unless ``approximate_rank`` is given: then each is written as the
   rank-``approximate_rank`` LoRA closest to its weight update (truncated SVD of
   ``effective_kernel - base kernel``; a changed bias goes to ``lora_B.bias``),
@@ -182,13 +187,18 @@ def export_peft(model: nnx.Module, directory: str, *, module_prefix: str = "",
   Returns:
     ``{path: relative error}`` of the approximated sites (empty if none).
   """
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.io import peft_methods  # pylint: disable=g-import-not-at-top
 
   sites = adapter_sites(model)
   if not sites:
     raise PeftFormatError("The model has no adapters to export.")
   if approximate_rank is not None and (not isinstance(approximate_rank, int) or approximate_rank < 1):
     raise PeftFormatError(f"approximate_rank must be a positive integer, got {approximate_rank!r}.")
+  if approximate_rank is None and any(type(a.spec) in peft_methods.BY_SPEC for _, a in sites):
+    config, tensors = peft_methods.export_methods(
+        sites, module_prefix=module_prefix, base_model_name_or_path=base_model_name_or_path)
+    _write(directory, config, tensors)
+    return {}
   exact = {path: adapter for path, adapter in sites if type(adapter.spec) in (LoRASpec, DoRASpec)}
   others = [(path, adapter) for path, adapter in sites if path not in exact]
   if others and approximate_rank is None:
@@ -245,15 +255,21 @@ def export_peft(model: nnx.Module, directory: str, *, module_prefix: str = "",
       rank_pattern={_torch_name(p, module_prefix): r for p, r in ranks.items() if r != rank},
       alpha_pattern={_torch_name(p, module_prefix): a for p, a in alphas.items() if a != alpha},
       modules_to_save=None, inference_mode=True)
-  os.makedirs(directory, exist_ok=True)
-  safetensors.numpy.save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
-  with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  _write(directory, config, tensors)
   if errors:
     with open(os.path.join(directory, APPROXIMATION_NAME), "w") as f:
       json.dump({"rank": approximate_rank, "relative_error": {
           _torch_name(p, module_prefix): e for p, e in errors.items()}}, f, indent=2, sort_keys=True)
   return errors
+
+
+def _write(directory: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(directory, exist_ok=True)
+  safetensors.numpy.save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
+  with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
 
 
 def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -270,9 +286,12 @@ def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
     tensors = safetensors.numpy.load_file(weights_path)
   except Exception as e:  # safetensors raises its own error types for corrupt files
     raise PeftFormatError(f"{weights_path} is not a readable safetensors file: {e}") from None
-  if config.get("peft_type") != "LORA":
+  from lowrank_jax.io import peft_methods  # pylint: disable=g-import-not-at-top
+
+  if config.get("peft_type") != "LORA" and config.get("peft_type") not in peft_methods.BY_PEFT_TYPE:
     raise PeftFormatError(f"PEFT adapter type {config.get('peft_type')!r} is not supported here; "
-                          "import supports LORA (with use_dora and use_rslora).")
+                          f"import supports LORA (with use_dora and use_rslora), "
+                          f"{', '.join(peft_methods.BY_PEFT_TYPE)}.")
   unsupported = [k for k in ("layer_replication", "modules_to_save", "trainable_token_indices")
                  if config.get(k)]
   if config.get("fan_in_fan_out"):
@@ -291,7 +310,10 @@ def _pattern_value(patterns: dict[str, Any], name: str, default):
 
 def import_peft(directory: str, model: nnx.Module, *, module_prefix: str = "",
                 rngs: nnx.Rngs | None = None) -> nnx.Module:
-  """Attach the LoRA/DoRA adapters of a PEFT directory to ``model`` and load their weights.
+  """Attach the adapters of a PEFT directory to ``model`` and load their weights.
+
+  LoRA / DoRA here; the ``peft_type`` values of `lowrank_jax.io.peft_methods`
+  (LOHA, LOKR, VERA, FOURIERFT, HRA, OFT, MISS, ADALORA, BOFT) through its table.
 
   ``model`` is the plain base model (no adapters on the targeted layers). Every
   tensor name and shape is checked against the model before anything is
@@ -299,6 +321,10 @@ def import_peft(directory: str, model: nnx.Module, *, module_prefix: str = "",
   and the model is left unchanged.
   """
   config, tensors = _read(directory)
+  if config["peft_type"] != "LORA":
+    from lowrank_jax.io import peft_methods  # pylint: disable=g-import-not-at-top
+    return peft_methods.import_methods(config, tensors, model, module_prefix=module_prefix,
+                                       rngs=rngs)
   sites: dict[str, dict[str, np.ndarray]] = {}
   for key, value in tensors.items():
     if not key.startswith(_PREFIX):
