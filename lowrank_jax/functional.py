@@ -300,7 +300,10 @@ class AdaptedApply:
     self.check(adapter_params)
     params_flat = dict(_flat(params))
     merged = self._merged_values(adapter_params, frozen, params_flat)
+    # Sites whose merge adds a bias the params lack, or that have no merged kernel at all
+    # (input-dependent or nonlinear updates), work only through an intercepted layer call.
     needs_interception = {name for name, (_, bias_added) in merged.items() if bias_added}
+    needs_interception |= set(self.sites) - set(merged)
     substituted = _replace_leaves(params, {k: v for _, (vals, _) in merged.items()
                                            for k, v in vals.items()})
     intercepted = set()
@@ -326,9 +329,9 @@ class AdaptedApply:
     missing = sorted(needs_interception - intercepted)
     if missing:
       raise ValueError(
-          f"Sites {missing} add a bias (e.g. LoRA use_bias) to a layer whose params have none; "
-          "that needs the layer's call to be intercepted (a Linen Dense/DenseGeneral/Einsum/Conv), "
-          "and it was not.")
+          f"Sites {missing} add a bias (e.g. LoRA use_bias) to a layer whose params have none, or "
+          "have no merged kernel (the method is not mergeable); that needs the layer's call to be "
+          "intercepted (a Linen Dense/DenseGeneral/Einsum/Conv), and it was not.")
     return out
 
   def _site_of_scope(self, scope: tuple[str, ...]) -> str | None:
@@ -340,10 +343,16 @@ class AdaptedApply:
     return None
 
   def _merged_values(self, adapter_params, frozen, params_flat):
-    """{site: ({leaf keys: merged value}, whether the merge adds a bias the params lack)}."""
+    """{site: ({leaf keys: merged value}, whether the merge adds a bias the params lack)}.
+
+    Sites of methods that are not mergeable are left out.
+    """
     out = {}
     for name, site in self.sites.items():
-      merged = self.adapter(name, adapter_params, frozen, params_flat).merge()
+      adapter = self.adapter(name, adapter_params, frozen, params_flat)
+      if not type(adapter).mergeable:
+        continue
+      merged = adapter.merge()
       values = {site.kernel_keys: merged.kernel[...]}
       bias = getattr(merged, "bias", None)
       if site.bias_keys is not None:
@@ -355,6 +364,8 @@ class AdaptedApply:
     """``params`` with every adapted kernel (and bias) replaced by the merged one."""
     self.check(adapter_params)
     params_flat = dict(_flat(params))
+    for name in self.sites:
+      self.adapter(name, adapter_params, self.frozen, params_flat).check_mergeable()
     merged = self._merged_values(adapter_params, self.frozen, params_flat)
     added = sorted(name for name, (_, bias_added) in merged.items() if bias_added)
     if added:

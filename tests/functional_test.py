@@ -102,6 +102,26 @@ def _set_nnx_adapter_params(model, values):
   nnx.update(model, state)
 
 
+def _calibration(spec, site, view, seed):
+  """Random calibration statistics at ``site`` for specs that declare ``calibration_needs``."""
+  needs = getattr(spec, "calibration_needs", ())
+  if not needs:
+    return None
+  shapes = {"grad": (view.fan_in, view.fan_out), "input_sq_norm": (view.fan_in,),
+            "input_gram": (view.fan_in, view.fan_in)}
+  keys = jax.random.split(jax.random.key(seed + 7), len(needs))
+  stats = {need: jax.random.normal(k, shapes[need]) for need, k in zip(needs, keys)}
+  return {site: lrj.calibrate.SiteStats(num_tokens=1, **stats)}
+
+
+def _mergeable(name):
+  spec = lrj.adapters.get(name)
+  model = Host(nnx.Linear(12, 10, rngs=nnx.Rngs(0)))
+  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(0),
+             calibration=_calibration(spec, "layer", lrj.adapters.view_of(model.layer), 0))
+  return type(model.layer).mergeable
+
+
 def _assert_trees_close(a, b, **tol):
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -114,9 +134,12 @@ def test_linen_matches_attach(name, kind):
   model, linen, variables, x = _models(kind, seed)
   spec = lrj.adapters.get(name)
   key = jax.random.key(seed + 3)
-  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(key))
-  adapted, adapter_params = functional.adapt(linen.apply, variables, [("params/layer", spec)],
-                                             key=key, example_args=(x,))
+  view = lrj.adapters.view_of(model.layer)
+  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(key),
+             calibration=_calibration(spec, "layer", view, seed))
+  adapted, adapter_params = functional.adapt(
+      linen.apply, variables, [("params/layer", spec)], key=key, example_args=(x,),
+      calibration=_calibration(spec, "params/layer", view, seed))
   _assert_trees_close(adapter_params["params/layer"], _nnx_adapter_params(model), rtol=0, atol=0)
   model.eval()
   np.testing.assert_allclose(adapted(adapter_params, variables, x), model(x), **TOL)
@@ -125,6 +148,10 @@ def test_linen_matches_attach(name, kind):
   _set_nnx_adapter_params(model, trained["params/layer"])
   y = jax.jit(adapted)(trained, variables, x)
   np.testing.assert_allclose(y, model(x), **TOL)
+  if not type(model.layer).mergeable:
+    with pytest.raises(ValueError, match="not mergeable"):
+      adapted.merge(trained, variables)
+    return
   merged = adapted.merge(trained, variables)
   lrj.merge(model)
   np.testing.assert_allclose(merged["params"]["layer"]["kernel"], model.layer.kernel[...], **TOL)
@@ -137,12 +164,23 @@ def test_plain_function_matches_attach(name):
   model, fn, params, x = _plain(seed)
   spec = lrj.adapters.get(name)
   key = jax.random.key(seed + 3)
-  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(key))
-  adapted, adapter_params = functional.adapt(fn, params, [("w", spec)], key=key)
+  view = lrj.adapters.view_of(model.layer)
+  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(key),
+             calibration=_calibration(spec, "layer", view, seed))
+  adapted, adapter_params = functional.adapt(fn, params, [("w", spec)], key=key,
+                                             calibration=_calibration(spec, "w", view, seed))
   _assert_trees_close(adapter_params["w"], _nnx_adapter_params(model), rtol=0, atol=0)
   model.eval()
   trained = _randomized(adapter_params, seed + 4)
   _set_nnx_adapter_params(model, trained["w"])
+  # A plain function has no layer call to route, nor a bias known to belong to 'w': methods
+  # that are not mergeable or that train a bias are refused there.
+  changes_bias = type(model.layer).mergeable and not np.allclose(
+      nnx.clone(model.layer).merge().bias[...], model.layer.base.bias[...])
+  if not type(model.layer).mergeable or changes_bias:
+    with pytest.raises(ValueError, match="intercepted"):
+      adapted(trained, params, x)
+    return
   np.testing.assert_allclose(jax.jit(adapted)(trained, params, x), model(x), **TOL)
   vmapped = jax.vmap(adapted, in_axes=(None, None, 0))(trained, params, x[:, None])
   np.testing.assert_allclose(vmapped[:, 0], model(x), **TOL)
@@ -151,11 +189,13 @@ def test_plain_function_matches_attach(name):
 @pytest.mark.parametrize("name,kind", CASES, ids=IDS)
 def test_identity_at_init_and_merge(name, kind):
   seed = _seed(name, kind, "merge")
-  _, linen, variables, x = _models(kind, seed)
-  rules = [("params/layer", lrj.adapters.get(name))]
+  model, linen, variables, x = _models(kind, seed)
+  spec = lrj.adapters.get(name)
+  rules = [("params/layer", spec)]
   key = jax.random.key(seed)
+  calibration = _calibration(spec, "params/layer", lrj.adapters.view_of(model.layer), seed)
   adapted, adapter_params = functional.adapt(linen.apply, variables, rules, key=key,
-                                             example_args=(x,))
+                                             example_args=(x,), calibration=calibration)
   spec_type = type(adapted.adapter("params/layer", adapter_params, adapted.frozen,
                                    dict(functional._flat(variables))))
   if spec_type.identity_at_init:
@@ -163,8 +203,13 @@ def test_identity_at_init_and_merge(name, kind):
                                rtol=1e-5, atol=1e-5)
   trained = _randomized(adapter_params, seed + 1)
   y = adapted(trained, variables, x)
+  if not _mergeable(name):
+    with pytest.raises(ValueError, match="not mergeable"):
+      functional.merge(variables, trained, rules, key=key, apply_fn=linen.apply,
+                       example_args=(x,), calibration=calibration)
+    return
   merged = functional.merge(variables, trained, rules, key=key, apply_fn=linen.apply,
-                            example_args=(x,))
+                            example_args=(x,), calibration=calibration)
   assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(variables)
   np.testing.assert_allclose(linen.apply(merged, x), y, rtol=2e-5, atol=2e-5)
 
@@ -172,10 +217,13 @@ def test_identity_at_init_and_merge(name, kind):
 @pytest.mark.parametrize("name", NAMES)
 def test_optimizer_on_adapter_params_lowers_loss_without_recompiles(name):
   seed = _seed(name, "train")
-  _, linen, variables, x = _models("linear", seed)
-  target = linen.apply(variables, x) + 0.5 * jax.random.normal(jax.random.key(seed), (3, 10))
+  model, linen, variables, x = _models("linear", seed)
+  spec = lrj.adapters.get(name)
   adapted, adapter_params = functional.adapt(
-      linen.apply, variables, [("params/layer", lrj.adapters.get(name))], key=jax.random.key(1))
+      linen.apply, variables, [("params/layer", spec)], key=jax.random.key(1),
+      calibration=_calibration(spec, "params/layer", lrj.adapters.view_of(model.layer), seed))
+  # Target: the same method with random adapter parameters, within reach of every method.
+  target = adapted(_randomized(adapter_params, seed, scale=0.5), variables, x)
   tx = optax.adam(3e-2)
   opt_state = tx.init(adapter_params)
   traces = []

@@ -70,8 +70,8 @@ class SwitchLoRA(LoRA):
   """LoRA plus frozen candidate pools ``candidates_a`` (fan_in, m), ``candidates_b`` (m, fan_out)."""
 
   def __init__(self, base: nnx.Module, spec: SwitchLoRASpec, view: layers.LayerView,
-               path: str = "", *, rngs: nnx.Rngs):
-    super().__init__(base, spec, view, path, rngs=rngs)
+               path: str = "", *, rngs: nnx.Rngs, grad: jax.Array | None = None):
+    super().__init__(base, spec, view, path, rngs=rngs, grad=grad)
     key_a, key_b = jax.random.split(rngs.params())
     m, dtype = spec.pool_size, self.lora_a.dtype
     bound_a, bound_b = 1.0 / math.sqrt(view.fan_in), 1.0 / math.sqrt(spec.rank)
