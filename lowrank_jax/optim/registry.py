@@ -4,7 +4,7 @@
 ``lrj.optim.names()`` lists them. A factory is registered with
 ``@register("name", example=dict(...))``: ``example`` holds hyperparameters
 (besides ``learning_rate``) that make the transform apply to the small
-parameters of the shared test matrix (tests/optim/contract_test.py), e.g. a
+parameters of the shared test matrix (tests/optim/optimizer_contract_test.py), e.g. a
 rank below their dims. ``params`` names the kind of parameters the transform
 applies to in that matrix: 'dense' (plain matrices and vectors) or 'lora'
 (adapter sites holding ``lora_a`` (fan_in, r) and ``lora_b`` (r, fan_out)

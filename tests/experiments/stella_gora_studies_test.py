@@ -11,11 +11,14 @@ from experiments import study
 from experiments import tasks
 from lowrank_jax.attach import adapters as adapter_sites
 
+# The LM and ViT studies (pretraining / image tasks) are slow; they run with -m slow.
 STUDIES = [("study_stella", "runlocal=true"), ("study_gora", "task=layer_ranks,runlocal=true"),
-           ("study_gora", "task=lm,runlocal=true"), ("study_vit_init", "runlocal=true")]
+           pytest.param("study_gora", "task=lm,runlocal=true", marks=pytest.mark.slow),
+           pytest.param("study_vit_init", "runlocal=true", marks=pytest.mark.slow)]
+IDS = ["study_stella", "study_gora-task=layer_ranks", "study_gora-task=lm", "study_vit_init"]
 
 
-@pytest.mark.parametrize("name,arg", STUDIES, ids=[f"{n}-{a.split(',')[0]}" for n, a in STUDIES])
+@pytest.mark.parametrize("name,arg", STUDIES, ids=IDS)
 def test_study_runs_two_steps(name, arg, tmp_path):
   config = importlib.import_module(f"configs.{name}").get_config(arg)
   rows = study.run_study(config, str(tmp_path))

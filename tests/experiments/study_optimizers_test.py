@@ -3,6 +3,7 @@
 import importlib
 
 import ml_collections
+import pytest
 
 from experiments import optimizers
 import lowrank_jax.optim as lo
@@ -21,6 +22,18 @@ def _available(name):
     return False
 
 
+def test_study_optimizers_runs_build_their_configs_and_optimizers():
+  config = importlib.import_module("configs.study_optimizers").get_config("runlocal=true")
+  assert [r["label"] for r in config.runs] == [
+      "adamw_lr0.001", "galore_lr0.001", "dct_galore_lr0.001", "frugal_lr0.001", "muon_lr0.01",
+      "dion_lr0.01"]
+  for run in config.runs:
+    run_config = study_lib.run_config(run, seed=0)
+    assert run_config.is_locked
+    optimizers.build(run_config)
+
+
+@pytest.mark.slow
 def test_study_optimizers_runlocal_runs_every_available_method(tmp_path):
   config = importlib.import_module("configs.study_optimizers").get_config("runlocal=true")
   labels = [r["label"] for r in config.runs]

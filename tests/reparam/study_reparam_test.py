@@ -11,6 +11,7 @@ from experiments import loop
 from experiments import study as study_lib
 
 
+@pytest.mark.slow
 def test_study_runlocal_runs_two_steps_per_method(tmp_path):
   study = study_reparam.get_config("runlocal=true")
   rows = study_lib.run_study(study, str(tmp_path))
