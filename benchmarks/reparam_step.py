@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,25 +24,13 @@ from absl import flags
 from flax import nnx
 
 import lowrank_jax as lrj
+from benchmarks.timing import median_seconds
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny sizes, to check that the script runs.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per step (rows of x).")
 _DIMS = flags.DEFINE_list("dims", ["1024", "2048"], "Layer widths d (d x d kernels).")
 _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed repetitions (median reported).")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (default benchmarks/results/...).")
-
-
-def median_seconds(calls, repeats: int) -> list[float]:
-  """Median time of each ``(fn, args)``, timed in alternation so drift hits all alike."""
-  for fn, args in calls:  # compile and warm up
-    jax.block_until_ready(fn(*args))
-  times = [[] for _ in calls]
-  for _ in range(repeats):
-    for i, (fn, args) in enumerate(calls):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[i].append(time.perf_counter() - start)
-  return [statistics.median(t) for t in times]
 
 
 def specs(d: int) -> dict[str, lrj.AdapterSpec]:
