@@ -196,9 +196,9 @@ def test_identity_at_init_and_merge(name, kind):
   calibration = _calibration(spec, "params/layer", lrj.adapters.view_of(model.layer), seed)
   adapted, adapter_params = functional.adapt(linen.apply, variables, rules, key=key,
                                              example_args=(x,), calibration=calibration)
-  spec_type = type(adapted.adapter("params/layer", adapter_params, adapted.frozen,
-                                   dict(functional._flat(variables))))
-  if spec_type.identity_at_init:
+  adapter = adapted.adapter("params/layer", adapter_params, adapted.frozen,
+                            dict(functional._flat(variables)))
+  if adapter.identity_at_init:
     np.testing.assert_allclose(adapted(adapter_params, variables, x), linen.apply(variables, x),
                                rtol=1e-5, atol=1e-5)
   trained = _randomized(adapter_params, seed + 1)

@@ -82,7 +82,9 @@ class Adapter(nnx.Module):
     `delta`: the weight update in the base kernel's layout (additive methods).
     `effective_kernel`: the kernel of the merged layer.
     `merge`: a plain base module whose kernel is `effective_kernel`.
-    ``identity_at_init``: the adapted layer equals the base at initialization.
+    ``identity_at_init``: the adapted layer equals the base at initialization
+      (read it on the instance: a class attribute, or a property where the
+      hyperparameters decide it, as LoRA's uncompensated gradient inits do).
     ``additive``: the merged kernel is ``W0 + delta`` with delta independent of
       W0, so merging can be undone by subtraction (`lrj.unmerge`).
     `replaces_base_kernel`: building the adapter overwrote the base kernel.

@@ -15,9 +15,9 @@ the norm is treated as a constant in the backward pass (``detach_norm=True``);
 The forward pass is PEFT's: with g = m / ||W0 + s A B||_c and x_d the dropped
 out input, ``y = base(x) + (g - 1) * (x_d W0) + g * s (x_d A) B``, which is
 ``g * (x W0 + s (x A) B) + bias`` without dropout. The column norm is
-computed from the factors with no dense (fan_in, fan_out) temporary (with
-``implementation`` set on an nnx.Linear layer, the forward is
-`lowrank_jax.kernels.lora_matmul` scaled by g and the norm is
+computed from the factors with no dense (fan_in, fan_out) temporary (on a
+plain nnx.Linear layer without dropout, or with ``implementation`` set, the
+forward is `lowrank_jax.kernels.lora_matmul` scaled by g and the norm is
 `lowrank_jax.kernels.dora_norm`):
 
     ||W0_j + s (AB)_j||^2 = ||W0_j||^2 + 2 s (A^T W0)_j . B_j + s^2 B_j^T (A^T A) B_j
@@ -94,9 +94,8 @@ class DoRA(lora.LoRA):
   def column_norm(self) -> Array:
     w0 = self.view.to_matrix(self.base.kernel[...])
     if self.uses_kernel:
-      impl = self.spec.implementation
       return norm_kernel.dora_norm(w0, self.lora_a[...], self.lora_b[...], self.scale,
-                                   implementation=None if impl == "auto" else impl,
+                                   implementation=self.kernel_implementation,
                                    interpret=self.spec.interpret)
     return dora_column_norm(w0, self.lora_a[...], self.lora_b[...], self.scale)
 

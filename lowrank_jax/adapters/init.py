@@ -188,6 +188,13 @@ def needs_grad(init: str) -> bool:
   return init in GRADIENT_INITS
 
 
+def starts_at_base(init: str, compensate: bool | None) -> bool:
+  """Whether the layer starts at the base function: every init but an uncompensated gradient init."""
+  if not needs_grad(init):
+    return True
+  return GRADIENT_INITS[init][2] if compensate is None else compensate
+
+
 def gradient_rank_limit(init: str, fan_in: int, fan_out: int) -> int:
   """The largest rank a gradient init can take (LoRA-GA uses 2r singular vectors)."""
   limit = min(fan_in, fan_out)

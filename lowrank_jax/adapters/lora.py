@@ -43,12 +43,18 @@ def lora_delta(a: Array, b: Array, scale: float) -> Array:
 KERNEL_IMPLEMENTATIONS = (None, "auto", "xla", "pallas")
 
 
+def has_default_contraction(base: nnx.Module) -> bool:
+  """Whether ``base`` is an ``nnx.Linear`` with nnx's own contraction (the kernel reproduces it)."""
+  return (isinstance(base, nnx.Linear) and base.dot_general is jax.lax.dot_general
+          and base.preferred_element_type is None)
+
+
 def fused_linear_base(base: nnx.Module, x: Array, path: str) -> tuple[Array, Array]:
   """``x`` and the kernel of an ``nnx.Linear`` promoted as the layer's own forward does.
 
   Raises if the layer overrides its contraction (the fused kernel would bypass it).
   """
-  if base.dot_general is not jax.lax.dot_general or base.preferred_element_type is not None:
+  if not has_default_contraction(base):
     raise ValueError(
         f"'{path}': the fused LoRA kernel reproduces nnx.Linear's default contraction only; this "
         "layer sets a custom dot_general or preferred_element_type. Use implementation=None.")
@@ -76,11 +82,13 @@ class LoRASpec(adapter_base.AdapterSpec):
     dropout: dropout rate on the adapter input, in [0, 1).
     use_bias: add a trainable bias on the adapter path (PEFT's lora_bias).
     param_dtype: dtype of the adapter parameters; None uses the base kernel's.
-    implementation: None computes the forward through the layer view (any
-      layer kind, autodiff backward); on ``nnx.Linear`` layers without
-      dropout, 'auto', 'xla' or 'pallas' use the fused kernel
-      `lowrank_jax.kernels.lora_matmul` with its hand-written backward ('auto'
-      lets the kernel dispatcher choose: Pallas on TPU, XLA elsewhere).
+    implementation: None (the default) uses the XLA form of
+      `lowrank_jax.kernels.lora_matmul` (hand-written backward, merged-weight
+      strategy for large batches) on plain ``nnx.Linear`` layers without
+      dropout, and the layer view with autodiff everywhere else (any layer
+      kind, dropout, custom contractions). 'auto', 'xla' or 'pallas' demand the
+      kernel, on ``nnx.Linear`` layers without dropout only ('auto' lets the
+      kernel dispatcher choose: Pallas on TPU, XLA elsewhere).
     interpret: run the Pallas kernel in the interpreter (tests on CPU).
   """
 
@@ -203,6 +211,11 @@ class LoRA(adapter_base.Adapter):
     return self.spec.scale
 
   @property
+  def identity_at_init(self) -> bool:
+    """False only for a gradient init that does not compensate W0 (LoRA-One, GoRA by default)."""
+    return lora_init.starts_at_base(self.spec.init, self.spec.compensate)
+
+  @property
   def replaces_base_kernel(self) -> bool:
     return lora_init.is_weight_aware(self.spec.init)
 
@@ -222,15 +235,25 @@ class LoRA(adapter_base.Adapter):
 
   @property
   def uses_kernel(self) -> bool:
-    return self.spec.implementation is not None
+    """Whether the forward runs `lowrank_jax.kernels.lora_matmul` (see LoRASpec.implementation)."""
+    if self.spec.implementation is not None:
+      return True
+    # Exactly nnx.Linear: a subclass may override __call__, which the kernel would bypass.
+    return (self.dropout is None and type(self.base) is nnx.Linear
+            and has_default_contraction(self.base))
+
+  @property
+  def kernel_implementation(self) -> str | None:
+    """The kernels' ``implementation`` argument: 'xla' by default, None (dispatch) for 'auto'."""
+    impl = self.spec.implementation
+    return "xla" if impl is None else None if impl == "auto" else impl
 
   def fused_output(self, x: Array) -> Array:
     """``x W0 + s (x A) B`` without any bias, by `lowrank_jax.kernels.lora_matmul`."""
     x, kernel = fused_linear_base(self.base, x, self.path)
-    impl = self.spec.implementation
     return lora_kernel.lora_matmul(
         x, kernel, self.lora_a[...].astype(kernel.dtype), self.lora_b[...].astype(kernel.dtype),
-        scale=self.scale, implementation=None if impl == "auto" else impl,
+        scale=self.scale, implementation=self.kernel_implementation,
         interpret=self.spec.interpret)
 
   def adapter_forward(self, x: Array, **kwargs) -> Array:

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import re
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from flax import nnx
@@ -53,6 +53,19 @@ _INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olo
 
 class PeftFormatError(ValueError):
   """A PEFT adapter that cannot be exported or imported (the message says why)."""
+
+
+def check_shapes(expected: dict, fields: dict, key_of: Callable[[str], str], what: str) -> None:
+  """Raise unless ``fields`` holds exactly the ``expected`` {suffix: shape}; errors name the key."""
+  for suffix, shape in expected.items():
+    if suffix not in fields:
+      raise PeftFormatError(f"The adapter file lacks {key_of(suffix)!r} (expected shape {tuple(shape)}).")
+    if tuple(fields[suffix].shape) != tuple(shape):
+      raise PeftFormatError(f"{key_of(suffix)!r} has shape {tuple(fields[suffix].shape)} but the "
+                            f"model wants {tuple(shape)} for {what}.")
+  extra = sorted(set(fields) - set(expected))
+  if extra:
+    raise PeftFormatError(f"Unexpected tensors for {what}: {[key_of(s) for s in extra]}.")
 
 
 def _torch_name(path: str, module_prefix: str) -> str:
@@ -362,16 +375,7 @@ def import_peft(directory: str, model: nnx.Module, *, module_prefix: str = "",
       expected["lora_B.bias"] = (view.fan_out,)
     if use_dora:
       expected["lora_magnitude_vector"] = (view.fan_out,)
-    for field, shape in expected.items():
-      key = f"{_PREFIX}{name}.{field}"
-      if field not in fields:
-        raise PeftFormatError(f"The adapter file lacks {key!r} (expected shape {shape}).")
-      if tuple(fields[field].shape) != tuple(shape):
-        raise PeftFormatError(f"{key!r} has shape {tuple(fields[field].shape)} but the model's "
-                              f"layer '{path}' needs {tuple(shape)}.")
-    extra = sorted(set(fields) - set(expected))
-    if extra:
-      raise PeftFormatError(f"Unexpected tensors for '{name}': {extra}.")
+    check_shapes(expected, fields, lambda field: f"{_PREFIX}{name}.{field}", f"layer '{path}'")
     plans.append((path, spec, view, fields))
 
   attach(model, [(re.escape(path), spec) for path, spec, _, _ in plans],

@@ -75,6 +75,7 @@ from lowrank_jax.attach import attach
 from lowrank_jax.io.peft import _PREFIX
 from lowrank_jax.io.peft import PeftFormatError
 from lowrank_jax.io.peft import _torch_name
+from lowrank_jax.io.peft import check_shapes
 
 _SHARED_PREFIX = "base_model."
 
@@ -537,11 +538,11 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
     except ValueError as e:
       raise PeftFormatError(f"The {method.peft_type} adapter does not fit layer '{path}': {e}") from None
     expected = {suffix: v.shape for suffix, v in method.to_torch(probe).items()}
-    _check_shapes(expected, fields, lambda suffix: f"{_PREFIX}{name}.{suffix}", f"layer '{path}'")
+    check_shapes(expected, fields, lambda suffix: f"{_PREFIX}{name}.{suffix}", f"layer '{path}'")
     built.append(probe)
   if method.shared_to_torch is not None:
     expected = {n: v.shape for n, v in method.shared_to_torch(built).items()}
-    _check_shapes(expected, shared, lambda n: _SHARED_PREFIX + n, "adapted layers")
+    check_shapes(expected, shared, lambda n: _SHARED_PREFIX + n, "the adapted layers")
   elif shared:
     raise PeftFormatError(f"Unexpected tensors {sorted(_SHARED_PREFIX + n for n in shared)}.")
 
@@ -554,14 +555,3 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
     method.shared_from_torch(adapters[min(sites)], shared)
   return model
 
-
-def _check_shapes(expected: dict, fields: dict, key_of: Callable[[str], str], what: str) -> None:
-  for suffix, shape in expected.items():
-    if suffix not in fields:
-      raise PeftFormatError(f"The adapter file lacks {key_of(suffix)!r} (expected shape {tuple(shape)}).")
-    if tuple(fields[suffix].shape) != tuple(shape):
-      raise PeftFormatError(f"{key_of(suffix)!r} has shape {tuple(fields[suffix].shape)} but the "
-                            f"model's {what} need {tuple(shape)}.")
-  extra = sorted(set(fields) - set(expected))
-  if extra:
-    raise PeftFormatError(f"Unexpected tensors for {what}: {[key_of(s) for s in extra]}.")

@@ -21,6 +21,21 @@ optimization barrier, because XLA:CPU runs the (r, fan_in) orientation several
 times faster than ``x^T v`` and would otherwise fold the transpose back into
 the dot (docs/benchmarks.md, docs/kernels.md).
 
+Merged-weight strategy (XLA, float32): when the batch has many tokens, the
+two full-size products read the merged kernel ``W = W0 + s A B`` instead,
+
+    y = x W        dx = g W^T        (dA, dB as above)
+
+``W`` is formed in the forward and formed again in the backward (never saved:
+a saved (fan_in, fan_out) temporary per layer would cost a model's worth of
+activation memory). Forming it costs ``r fan_in fan_out`` flops and one pass
+over a kernel-sized buffer; the factored form costs four passes over
+token-sized buffers (``x A``, adding ``z B`` to y, ``g B^T``, adding ``v A^T``
+to dx). So the merged form is chosen when ``tokens (fan_in + fan_out) >=
+fan_in fan_out`` (at d = 1024: 512 tokens or more), only for float32 operands
+(in bf16 the small ``s A B`` would be rounded away against W0), and never
+with per-row weights. ``merge_weight=True/False`` forces either form.
+
 The same core takes optional per-row weights ``m`` (tokens, r) on the rank
 axis, ``z = s (x A) * m``; `lowrank_jax.kernels.grouped_lora` builds its
 multi-adapter product on it.
@@ -131,38 +146,57 @@ def _rank_activations(x, a, row_weights, scale):
   return z if row_weights is None else z * row_weights.astype(jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _core(x, w0, a, b, row_weights, scale, implementation, block_sizes, interpret):
+def _merged_kernel(w0, a, b, scale):
+  """``W0 + s A B`` in float32, the kernel of the merged-weight strategy."""
+  return w0.astype(jnp.float32) + scale * jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def prefers_merged_weight(tokens: int, fan_in: int, fan_out: int, dtype) -> bool:
+  """The cost rule of the module docstring: float32 and ``tokens (fan_in + fan_out) >= fan_in fan_out``."""
+  return jnp.dtype(dtype) == jnp.float32 and tokens * (fan_in + fan_out) >= fan_in * fan_out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _core(x, w0, a, b, row_weights, scale, implementation, block_sizes, interpret, merged):
   out, _ = _core_fwd_values(x, w0, a, b, row_weights, scale, implementation, block_sizes,
-                            interpret)
+                            interpret, merged)
   return out
 
 
-def _core_fwd_values(x, w0, a, b, row_weights, scale, implementation, block_sizes, interpret):
+def _core_fwd_values(x, w0, a, b, row_weights, scale, implementation, block_sizes, interpret,
+                     merged):
   out_dtype = _common.result_dtype(x.dtype, w0.dtype)
   z = _rank_activations(x, a, row_weights, scale).astype(b.dtype)
-  out = _fused(x, w0, z, b, transposed=False, out_dtype=out_dtype,
-               implementation=implementation, block_sizes=block_sizes, interpret=interpret)
+  if merged:
+    out = jnp.dot(x, _merged_kernel(w0, a, b, scale),
+                  preferred_element_type=jnp.float32).astype(out_dtype)
+  else:
+    out = _fused(x, w0, z, b, transposed=False, out_dtype=out_dtype,
+                 implementation=implementation, block_sizes=block_sizes, interpret=interpret)
   return out, z
 
 
-def _core_fwd(x, w0, a, b, row_weights, scale, implementation, block_sizes, interpret):
+def _core_fwd(x, w0, a, b, row_weights, scale, implementation, block_sizes, interpret, merged):
   out, z = _core_fwd_values(x.value, w0.value, a.value, b.value,
                             None if row_weights is None else row_weights.value,
-                            scale, implementation, block_sizes, interpret)
+                            scale, implementation, block_sizes, interpret, merged)
   residuals = (x.value, w0.value, a.value, b.value,
                None if row_weights is None else row_weights.value, z, w0.perturbed)
   return out, residuals
 
 
-def _core_bwd(scale, implementation, block_sizes, interpret, residuals, g):
+def _core_bwd(scale, implementation, block_sizes, interpret, merged, residuals, g):
   x, w0, a, b, row_weights, z, w0_perturbed = residuals
   # v = s (g B^T) [* m], the cotangent of (x A).
   v = jax.lax.dot_general(g, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   v = v * scale if row_weights is None else v * (scale * row_weights.astype(jnp.float32))
   v = v.astype(a.dtype)
-  dx = _fused(g, w0, v, a, transposed=True, out_dtype=x.dtype, implementation=implementation,
-              block_sizes=block_sizes, interpret=interpret)
+  if merged:
+    dx = jax.lax.dot_general(g, _merged_kernel(w0, a, b, scale), (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32).astype(x.dtype)
+  else:
+    dx = _fused(g, w0, v, a, transposed=True, out_dtype=x.dtype, implementation=implementation,
+                block_sizes=block_sizes, interpret=interpret)
   tokens_first = (((0,), (0,)), ((), ()))
   # (r, fan_in) first, then transposed: the barrier keeps XLA from folding the
   # transpose back into the dot, i.e. into the slow (fan_in, r) orientation.
@@ -195,21 +229,28 @@ def check_inputs(op: str, x, w0, a, b) -> None:
 
 def lowrank_linear(x: Array, w0: Array, a: Array, b: Array, *, scale: float = 1.0,
                    row_weights: Array | None = None, implementation: str | None = None,
-                   block_sizes: BlockSizes | None = None, interpret: bool = False) -> Array:
+                   block_sizes: BlockSizes | None = None, interpret: bool = False,
+                   merge_weight: bool | None = None) -> Array:
   """``x W0 + s ((x A) [* m]) B`` over leading dims of x; the shared core (no checks on m)."""
   implementation = _common.resolve_implementation(OP, implementation, interpret)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   if row_weights is not None:
     row_weights = row_weights.reshape(x2.shape[0], a.shape[-1])
+  if merge_weight is None:
+    merge_weight = (implementation == "xla" and row_weights is None and prefers_merged_weight(
+        x2.shape[0], *w0.shape, jnp.promote_types(x.dtype, w0.dtype)))
+  elif merge_weight and row_weights is not None:
+    raise ValueError(f"{OP}: merge_weight=True cannot apply per-row weights (one merged kernel "
+                     "serves every row).")
   out = _core(x2, w0, a, b, row_weights, float(scale), implementation,
-              block_sizes or BlockSizes(), bool(interpret))
+              block_sizes or BlockSizes(), bool(interpret), bool(merge_weight))
   return out.reshape(lead + (w0.shape[1],))
 
 
 def lora_matmul(x: Array, w0: Array, a: Array, b: Array, *, scale: float = 1.0,
                 implementation: str | None = None, block_sizes: BlockSizes | None = None,
-                interpret: bool = False) -> Array:
+                interpret: bool = False, merge_weight: bool | None = None) -> Array:
   """``y = x W0 + s (x A) B`` (see the module docstring), differentiable in x, A, B and W0.
 
   Args:
@@ -221,6 +262,9 @@ def lora_matmul(x: Array, w0: Array, a: Array, b: Array, *, scale: float = 1.0,
       or 'pallas'.
     block_sizes: tiles of the Pallas kernel.
     interpret: run the Pallas kernel in the interpreter (CPU tests).
+    merge_weight: read the merged kernel ``W0 + s A B`` in the two full-size
+      products (module docstring); None applies the cost rule
+      `prefers_merged_weight` on the XLA implementation.
 
   Returns:
     (..., fan_out) in the promoted dtype of x and w0; float32 accumulation.
@@ -233,4 +277,4 @@ def lora_matmul(x: Array, w0: Array, a: Array, b: Array, *, scale: float = 1.0,
   _common.check_matrix(OP, "a", a)
   _common.check_matrix(OP, "b", b)
   return lowrank_linear(x, w0, a, b, scale=scale, implementation=implementation,
-                        block_sizes=block_sizes, interpret=interpret)
+                        block_sizes=block_sizes, interpret=interpret, merge_weight=merge_weight)

@@ -93,7 +93,7 @@ def test_identity_at_init_and_param_count(name, kind):
   spec = _attach(model, name, seed=1)
   adapter = model.layer
   assert isinstance(adapter, lrj.adapters.Adapter)
-  if type(adapter).identity_at_init:
+  if adapter.identity_at_init:
     np.testing.assert_allclose(model(x), y_base, rtol=1e-5, atol=1e-5)
   added = sum(v.size for v in jax.tree_util.tree_leaves(nnx.state(model, lrj.AdapterParam)))
   assert added == spec.num_params(adapter.view.fan_in, adapter.view.fan_out)
@@ -108,7 +108,8 @@ def _assert_merge_refused(model, **kwargs):
 
 
 @pytest.mark.parametrize("name,kind", CASES, ids=IDS)
-def test_merge_matches_adapted_forward(name, kind):
+def test_merge_unmerge_and_merge_match_adapted_forward(name, kind):
+  """keep_adapters merge, unmerge and a full merge all give the adapted function."""
   model, x = _make(name, kind, salt=1)
   _attach(model, name, seed=2)
   _randomize_adapter(model, seed=3)
@@ -116,35 +117,24 @@ def test_merge_matches_adapted_forward(name, kind):
   y_adapted = model(x)
   adapter = model.layer
   if not type(adapter).mergeable:
+    _assert_merge_refused(model, keep_adapters=True)
     _assert_merge_refused(model)
     return
   np.testing.assert_allclose(
       adapter.effective_kernel(), adapter.base.kernel[...] + adapter.delta(), rtol=1e-5, atol=1e-5)
+  if type(adapter).additive:
+    kernel_before = np.asarray(adapter.base.kernel[...])
+    lrj.merge(model, keep_adapters=True)
+    np.testing.assert_allclose(model(x), y_adapted, rtol=2e-5, atol=2e-5)
+    lrj.unmerge(model)
+    np.testing.assert_allclose(model.layer.base.kernel[...], kernel_before, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model(x), y_adapted, rtol=2e-5, atol=2e-5)
+  else:
+    with pytest.raises(ValueError, match="not additive"):
+      lrj.merge(model, keep_adapters=True)
   lrj.merge(model)
   assert type(model.layer) is type(adapter.base)
   assert not list(jax.tree_util.tree_leaves(nnx.state(model, lrj.AdapterParam)))
-  np.testing.assert_allclose(model(x), y_adapted, rtol=2e-5, atol=2e-5)
-
-
-@pytest.mark.parametrize("name,kind", CASES, ids=IDS)
-def test_merge_keep_adapters_and_unmerge(name, kind):
-  model, x = _make(name, kind, salt=2)
-  _attach(model, name, seed=4)
-  _randomize_adapter(model, seed=5)
-  model.eval()
-  y_adapted = model(x)
-  kernel_before = np.asarray(model.layer.base.kernel[...])
-  if not type(model.layer).mergeable:
-    _assert_merge_refused(model, keep_adapters=True)
-    return
-  if not type(model.layer).additive:
-    with pytest.raises(ValueError, match="not additive"):
-      lrj.merge(model, keep_adapters=True)
-    return
-  lrj.merge(model, keep_adapters=True)
-  np.testing.assert_allclose(model(x), y_adapted, rtol=2e-5, atol=2e-5)
-  lrj.unmerge(model)
-  np.testing.assert_allclose(model.layer.base.kernel[...], kernel_before, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(model(x), y_adapted, rtol=2e-5, atol=2e-5)
 
 

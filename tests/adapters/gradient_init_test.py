@@ -108,9 +108,19 @@ def _attach_single(init, compensate=None, rank=3, alpha=6.0, seed=0):
 def test_compensated_gradient_inits_start_at_the_base(init):
   model, _, w0, x, y0 = _attach_single(init, compensate=True)
   adapter = model.layers[0]
+  assert adapter.identity_at_init
   assert float(jnp.abs(adapter.delta_matrix()).max()) > 0  # B != 0
   np.testing.assert_allclose(model(x)[0], y0, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(adapter.base.kernel[...] + adapter.delta_matrix(), w0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init,compensate", [("lora_ga", False), ("lora_one", None),
+                                             ("gora", None)])
+def test_uncompensated_gradient_inits_do_not_claim_identity(init, compensate):
+  model, _, _, x, y0 = _attach_single(init, compensate=compensate)
+  adapter = model.layers[0]
+  assert not adapter.identity_at_init
+  assert float(jnp.abs(model(x)[0] - y0).max()) > 1e-6  # the layer moved: the claim must be False
 
 
 def test_gora_init_is_the_projected_gradient_step():

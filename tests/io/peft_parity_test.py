@@ -255,7 +255,7 @@ def test_adapter_for_another_base_names_key_and_shapes(tmp_path):
   tensors[key] = np.zeros((D_OUT + 1, 2), np.float32)
   stn.save_file(tensors, str(path / "adapter_model.safetensors"))
   _, net = _twins()
-  with pytest.raises(lrj_io.PeftFormatError, match=r"'base_model.model.out.lora_B.weight' has shape \(7, 2\).*needs \(6, 2\)"):
+  with pytest.raises(lrj_io.PeftFormatError, match=r"'base_model.model.out.lora_B.weight' has shape \(7, 2\).*wants \(6, 2\)"):
     lrj_io.import_peft(str(path), net)
   assert _unchanged(net)
 

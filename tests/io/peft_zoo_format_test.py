@@ -206,7 +206,7 @@ def test_a_file_for_another_base_names_key_and_shapes(tmp_path):
   _edit_tensors(path, lambda t: t.__setitem__(key, np.zeros((twin.D_OUT + 1, 2), np.float32)))
   _, net = twin._twins()
   with pytest.raises(lrj_io.PeftFormatError,
-                     match=rf"'{key}' has shape \(7, 2\) but the model's layer 'out' need \(6, 2\)"):
+                     match=rf"'{key}' has shape \(7, 2\) but the model wants \(6, 2\) for layer 'out\'"):
     lrj_io.import_peft(str(path), net)
   assert _no_adapters(net)
 
@@ -215,7 +215,7 @@ def test_vera_shared_projection_mismatch_and_missing_tensor(tmp_path):
   path = _exported(tmp_path / "vera", "vera", rank=3)
   _edit_tensors(path, lambda t: t.__setitem__("base_model.vera_A", np.zeros((3, 13), np.float32)))
   _, net = twin._twins()
-  with pytest.raises(lrj_io.PeftFormatError, match=r"'base_model.vera_A' has shape \(3, 13\).*need \(3, 12\)"):
+  with pytest.raises(lrj_io.PeftFormatError, match=r"'base_model.vera_A' has shape \(3, 13\).*wants \(3, 12\)"):
     lrj_io.import_peft(str(path), net)
   assert _no_adapters(net)
 

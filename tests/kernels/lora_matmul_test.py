@@ -28,10 +28,10 @@ def _inputs(seed, tokens, fan_in, fan_out, rank, dtype):
   return [t.astype(dtype) for t in (x, w0, a, b, g)]
 
 
-def _check(implementation, seed, tokens, fan_in, fan_out, rank, dtype):
+def _check(implementation, seed, tokens, fan_in, fan_out, rank, dtype, merge_weight=None):
   x, w0, a, b, g = _inputs(seed, tokens, fan_in, fan_out, rank, dtype)
   fn = functools.partial(lm.lora_matmul, scale=0.7, implementation=implementation,
-                         block_sizes=SMALL_BLOCKS, interpret=True)
+                         block_sizes=SMALL_BLOCKS, interpret=True, merge_weight=merge_weight)
   y, vjp = jax.vjp(fn, x, w0, a, b)
   y_ref, vjp_ref = jax.vjp(lambda *t: lm.reference(*t, scale=0.7),
                            *[t.astype(jnp.float32) for t in (x, w0, a, b)])
@@ -63,6 +63,37 @@ def test_pallas_matches_reference_bfloat16(shape, seed):
 @pytest.mark.parametrize("shape", [(1, 8, 24, 1), (17, 130, 136, 4), (40, 256, 300, 16)])
 def test_xla_matches_reference(shape, dtype):
   _check("xla", 0, *shape, dtype)
+
+
+def _out_shapes(jaxpr) -> set:
+  """Shapes of every equation output, inner jaxprs (custom_vjp, jit) included."""
+  shapes = set()
+  for eqn in jaxpr.eqns:
+    shapes |= {tuple(v.aval.shape) for v in eqn.outvars}
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        shapes |= _out_shapes(inner)
+  return shapes
+
+
+@pytest.mark.parametrize("merge_weight", [True, False])
+@pytest.mark.parametrize("shape", [(3, 24, 16, 2), (70, 24, 40, 5)])
+def test_xla_merged_and_factored_forms_match_reference(shape, merge_weight):
+  _check("xla", 3, *shape, jnp.float32, merge_weight=merge_weight)
+
+
+def test_merged_weight_cost_rule():
+  # tokens (fan_in + fan_out) >= fan_in fan_out, float32 only.
+  assert lm.prefers_merged_weight(512, 1024, 1024, jnp.float32)
+  assert not lm.prefers_merged_weight(511, 1024, 1024, jnp.float32)
+  assert not lm.prefers_merged_weight(4096, 1024, 1024, jnp.bfloat16)
+  x, w0, a, b, _ = _inputs(2, 64, 16, 24, 2, jnp.float32)
+  kernel_sized = lambda tokens: (16, 24) in _out_shapes(
+      jax.make_jaxpr(lambda x: lm.lora_matmul(x[:tokens], w0, a, b))(x).jaxpr)
+  assert kernel_sized(64) and not kernel_sized(4)  # 64 * 40 >= 16 * 24 > 4 * 40
+  with pytest.raises(ValueError, match="merge_weight=True cannot apply per-row weights"):
+    lm.lowrank_linear(x, w0, a, b, row_weights=jnp.ones((64, 2)), merge_weight=True)
 
 
 def test_leading_dims_and_jit():
@@ -127,8 +158,10 @@ def test_default_dispatch_is_xla_off_tpu():
 
 # -- the LoRA / DoRA adapters on the kernel ----------------------------------------
 
-def _adapted(method, implementation, dtype=jnp.float32, **hp):
-  layer = nnx.Linear(20, 12, param_dtype=dtype, rngs=nnx.Rngs(0))
+def _adapted(method, implementation, dtype=jnp.float32, view_path=False, **hp):
+  # A custom (but equal) contraction keeps the default implementation on the layer view.
+  dot_general = (lambda *a, **k: jax.lax.dot_general(*a, **k)) if view_path else jax.lax.dot_general
+  layer = nnx.Linear(20, 12, param_dtype=dtype, dot_general=dot_general, rngs=nnx.Rngs(0))
   layer.bias[...] = jax.random.normal(jax.random.key(5), layer.bias.shape, dtype)
   model = nnx.Dict({"layer": layer})
   spec = lrj.adapters.get(method, rank=3, implementation=implementation, interpret=True, **hp)
@@ -142,12 +175,14 @@ def _adapted(method, implementation, dtype=jnp.float32, **hp):
 
 @pytest.mark.parametrize("method,hp", [("lora", {}), ("lora", {"use_bias": True}),
                                        ("dora", {}), ("dora", {"detach_norm": False})])
-@pytest.mark.parametrize("implementation", ["xla", "pallas", "auto"])
+@pytest.mark.parametrize("implementation", [None, "xla", "pallas", "auto"])
 def test_adapter_with_kernel_matches_view_path(method, hp, implementation):
-  x = jax.random.normal(jax.random.key(9), (2, 5, 20))
+  x = jax.random.normal(jax.random.key(9), (2, 30, 20))  # 60 tokens: the merged-weight form
   outputs = {}
-  for impl in (None, implementation):
-    model = _adapted(method, impl, **hp)
+  for impl, view_path in (("view", True), (implementation, False)):
+    model = _adapted(method, None if view_path else impl, view_path=view_path, **hp)
+    adapter = model["layer"]
+    assert adapter.uses_kernel != view_path
     graphdef, params, rest = nnx.split(model, lrj.AdapterParam, ...)
 
     def loss(params):
@@ -156,7 +191,7 @@ def test_adapter_with_kernel_matches_view_path(method, hp, implementation):
 
     (_, y), grads = jax.value_and_grad(loss, has_aux=True)(params)
     outputs[impl] = (y, grads)
-  (y0, g0), (y1, g1) = outputs[None], outputs[implementation]
+  (y0, g0), (y1, g1) = outputs["view"], outputs[implementation]
   np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
