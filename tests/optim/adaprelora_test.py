@@ -188,8 +188,11 @@ def test_trajectory_is_invariant_under_regauging(momentum):
   assert float(jnp.abs(diff).max()) > 1e-2
 
 
-def test_training_lowers_the_loss():
+@pytest.mark.parametrize("zero_b", [False, True], ids=["random", "lora_init_b0"])
+def test_training_lowers_the_loss(zero_b):
   params, loss = _problem(seed=3)
+  if zero_b:  # LoRA's own init: b = 0, so the first step moves b only
+    params["site"]["lora_b"] = jnp.zeros_like(params["site"]["lora_b"])
   end = _run(lrj.optim.get("adaprelora", learning_rate=0.02, scale=2.0, momentum=0.9), params, loss, 60)
   assert loss(end) < 0.3 * loss(params)
   assert bool(jnp.all(jnp.isfinite(_product(end))))
