@@ -126,9 +126,10 @@ def lora_ga_init(key: Array, w0: Array, grad: Array, rank: int, scale: float, al
   (the official code's ``direction='ArB2r'``, ``scale='stable'``), so that the
   first step of LoRA moves ``BA`` along the best rank-2r approximation of G.
   Ours: ``grad = G^T = V S U^T``, so ``a = c left[:, :r]`` and
-  ``b = c right^T[r:2r]``. PEFT's LoRA-GA differs (it multiplies B by the
-  singular values and scales B only). The exact SVD is used where the
-  reference code uses ``torch.svd_lowrank``.
+  ``b = c right^T[r:2r]``, and W0 is compensated by default, as in the
+  official code (Outsider565/LoRA-GA, checked). PEFT's LoRA-GA differs (it
+  multiplies B by the singular values and scales B only). The exact SVD is
+  used where the official code uses ``torch.svd_lowrank(q=4r, niter=4)``.
   """
   del key, w0, scale, alpha
   fan_out = grad.shape[1]
@@ -147,6 +148,11 @@ def lora_one_init(key: Array, w0: Array, grad: Array, rank: int, scale: float, a
   so ``BA = (-G)_r / (gamma s_1)``: one best rank-r gradient step, normalized by
   the top singular value s_1. Ours: ``a = left_r S_r^(1/2) / sqrt(gamma s_1)``,
   ``b = S_r^(1/2) right^T_r / sqrt(gamma s_1)`` from the SVD of ``-grad``.
+  Checked against the official code (YuanheZ/LoRA-One, ``direction='LoRA-One'``,
+  ``scale='stable'``): the same factors, no W0 compensation, default gamma 128
+  (its config and README commands); its README formula omits the square root
+  and the 1/s_1 that its code applies. The exact SVD is used where the
+  official code calls ``torch.svd_lowrank(q=512, niter=16)``.
   """
   del key, w0, scale, alpha
   left, sigma, right_t = linalg.svd_topk(-grad.astype(jnp.float32), rank)
@@ -178,7 +184,7 @@ def gora_init(key: Array, w0: Array, grad: Array, rank: int, scale: float, alpha
 # Gradient inits: name -> (function, default gamma, W0 compensated by default).
 GRADIENT_INITS = {
     "lora_ga": (lora_ga_init, 16.0, True),
-    "lora_one": (lora_one_init, 64.0, False),
+    "lora_one": (lora_one_init, 128.0, False),
     "gora": (gora_init, 0.02, False),
 }
 

@@ -34,3 +34,4 @@ from lowrank_jax.optim.weight_decay import cautious_weight_decay
 from lowrank_jax.optim import riemannian
 from lowrank_jax.optim.riemannian import stiefel
 from lowrank_jax.optim import lora
+from lowrank_jax.optim import adaprelora

@@ -27,10 +27,15 @@ unchanged. With ``G = dL/dW`` (fan_in, fan_out): ``grad_a = s G b^T``,
 
 All but LoRA+ make the induced update invariant under ``(B, A) -> (B M,
 M^-1 A)`` (ours ``(a, b) -> (a N, N^-1 b)``), up to the ridge terms.
+
+Each registers a closed-form ``state_bytes`` (for a constant learning rate;
+a schedule adds optax's int32 step count), checked against the real state by
+tests/optim/optimizer_contract_test.py.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -81,6 +86,26 @@ def _check_positive(name: str, value: float, what: str) -> None:
     raise ValueError(f"{what}: {name} must be > 0, got {value!r}.")
 
 
+# -- state bytes --------------------------------------------------------------------
+def adam_state_bytes(params, **unused) -> int:
+  """optax Adam(W): an int32 count, then mu and nu in the parameter dtype."""
+  del unused
+  return 4 + 2 * registry.tree_bytes(params)
+
+
+def sgd_state_bytes(params, momentum=None, **unused) -> int:
+  """optax SGD: a momentum trace in the parameter dtype when ``momentum`` is given, else nothing."""
+  del unused
+  return 0 if momentum is None else registry.tree_bytes(params)
+
+
+def altlora_state_bytes(params, **unused) -> int:
+  """An int32 count, a float32 momentum per leaf, and the previous b (parameter dtype) per leaf."""
+  del unused
+  sizes = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+  return 4 + 4 * sizes + registry.tree_bytes(params)
+
+
 # -- LoRA+ ------------------------------------------------------------------------
 def scale_lora_b(ratio: float) -> optax.GradientTransformation:
   """Multiply the updates of the ``lora_b`` leaves by ``ratio`` (LoRA+'s lr_B / lr_A)."""
@@ -94,7 +119,7 @@ def scale_lora_b(ratio: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-@registry.register("lora_plus", example={}, params="lora")
+@registry.register("lora_plus", example={}, params="lora", state_bytes=adam_state_bytes)
 def lora_plus(learning_rate: optax.ScalarOrSchedule, ratio: float = 16.0, b1: float = 0.9,
               b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
               ) -> optax.GradientTransformation:
@@ -117,14 +142,14 @@ def scale_by_lora_precondition(delta: float = 1e-6) -> optax.GradientTransformat
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-@registry.register("scaled_gd", example={}, params="lora")
+@registry.register("scaled_gd", example={}, params="lora", state_bytes=sgd_state_bytes)
 def scaled_gd(learning_rate: optax.ScalarOrSchedule, delta: float = 1e-6,
               momentum: float | None = None) -> optax.GradientTransformation:
   """Scaled GD (Zhang & Pilanci, 2024): preconditioned factor gradients, then SGD."""
   return optax.chain(scale_by_lora_precondition(delta), optax.sgd(learning_rate, momentum=momentum))
 
 
-@registry.register("scaled_adamw", example={}, params="lora")
+@registry.register("scaled_adamw", example={}, params="lora", state_bytes=adam_state_bytes)
 def scaled_adamw(learning_rate: optax.ScalarOrSchedule, delta: float = 1e-6, b1: float = 0.9,
                  b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
                  ) -> optax.GradientTransformation:
@@ -179,7 +204,7 @@ def scale_by_lora_pro(scale: float = 1.0, delta: float = 1e-6) -> optax.Gradient
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-@registry.register("lora_pro", example={}, params="lora")
+@registry.register("lora_pro", example={}, params="lora", state_bytes=sgd_state_bytes)
 def lora_pro(learning_rate: optax.ScalarOrSchedule, scale: float = 1.0, delta: float = 1e-6,
              momentum: float | None = None) -> optax.GradientTransformation:
   """LoRA-Pro (SGD form): equivalent-gradient factor gradients, then SGD."""
@@ -193,7 +218,7 @@ class AltLoRAState(NamedTuple):
   previous_b: PyTree    # like the params: b at the previous step (for the momentum transport)
 
 
-@registry.register("altlora", example={}, params="lora")
+@registry.register("altlora", example={}, params="lora", state_bytes=altlora_state_bytes)
 def altlora(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, reg: float = 1e-3,
             weight_decay: float = 0.0) -> optax.GradientTransformation:
   """AltLoRA: alternating preconditioned factor steps with transported momentum.

@@ -20,8 +20,11 @@ tests compare it with the bytes of the real state pytree.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, NamedTuple
 
+import jax
+import numpy as np
 import optax
 
 Factory = Callable[..., optax.GradientTransformation]
@@ -79,3 +82,8 @@ def get(name: str, **hyperparams) -> optax.GradientTransformation:
     raise ValueError(f"Unknown hyperparameters {unknown} for optimizer {name!r}; accepted: "
                      f"{sorted(signature.parameters)}.")
   return factory(**hyperparams)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of the leaves of a pytree of arrays or ``jax.ShapeDtypeStruct`` (for state formulas)."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

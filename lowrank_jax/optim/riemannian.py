@@ -147,7 +147,13 @@ def stiefel(inner: optax.GradientTransformation, *, mask: PyTree | Callable[[PyT
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@registry.register("stella", example={}, params="lora")
+def stella_state_bytes(params, **unused) -> int:
+  """The inner AdamW's int32 count, mu and nu (parameter dtype); the Stiefel wrapper keeps none."""
+  del unused
+  return 4 + 2 * registry.tree_bytes(params)
+
+
+@registry.register("stella", example={}, params="lora", state_bytes=stella_state_bytes)
 def stella(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, weight_decay: float = 0.0, retraction: str = "polar",
            hidden_size: float | None = None) -> optax.GradientTransformationExtraArgs:
