@@ -17,23 +17,28 @@ from typing import Any, Callable, Sequence
 import jax
 
 
-def path_str(path) -> str:
-  """'/'-joined string of a ``jax.tree_util`` key path (a trailing ``.value`` dropped)."""
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+def key_names(path) -> tuple[str, ...]:
+  """String names of a ``jax.tree_util`` key path, a trailing nnx ``.value`` attribute dropped."""
+  if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
     path = path[:-1]
-  parts = []
+  names = []
   for key in path:
     if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
+      names.append(str(key.key))
     elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(key.name)
+      names.append(key.name)
     elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
+      names.append(str(key.idx))
     elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
+      names.append(str(key.key))
     else:
-      parts.append(str(key))
-  return "/".join(parts)
+      names.append(str(key))
+  return tuple(names)
+
+
+def path_str(path) -> str:
+  """'/'-joined `key_names` of a key path ('blocks/0/attn/query/kernel')."""
+  return "/".join(key_names(path))
 
 
 def leaf_paths(tree) -> list[str]:

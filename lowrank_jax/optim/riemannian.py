@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank_jax import linalg
+from lowrank_jax.optim import labels
 from lowrank_jax.optim import registry
 from lowrank_jax.optim import sites
 
@@ -113,7 +114,7 @@ def stiefel(inner: optax.GradientTransformation, *, mask: PyTree | Callable[[PyT
     for (path, leaf), selected in zip(flat, flat_mask):
       if selected and jnp.ndim(leaf) != 2:
         raise ValueError(
-            f"stiefel: leaf '{sites.path_string(path)}' has shape {jnp.shape(leaf)}; the Stiefel "
+            f"stiefel: leaf '{labels.path_str(path)}' has shape {jnp.shape(leaf)}; the Stiefel "
             "manifold holds 2-D matrices with orthonormal columns (or rows). Exclude it from the mask.")
     return m
 

@@ -13,29 +13,9 @@ from typing import Any, Callable, Iterable
 
 import jax
 
+from lowrank_jax.optim.labels import key_names
+
 PyTree = Any
-
-
-def key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-  """String names of a jax key path, without the trailing nnx ``value`` attribute."""
-  names = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      names.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      names.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      names.append(str(key.idx))
-    else:
-      names.append(str(key))
-  if len(names) > 1 and names[-1] == "value":
-    names.pop()
-  return tuple(names)
-
-
-def path_string(path: tuple[Any, ...]) -> str:
-  """The '/'-joined names of a key path ('blocks/0/attn/query/lora_a')."""
-  return "/".join(key_names(path))
 
 
 def leaf_mask(tree: PyTree, names: Iterable[str]) -> PyTree:
