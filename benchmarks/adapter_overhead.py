@@ -1,7 +1,7 @@
 """Forward+backward time of adapted layers against the frozen dense layer.
 
     python -m benchmarks.adapter_overhead [--tokens=4096] [--dims=1024,2048] [--ranks=8,64]
-        [--implementations=none,xla] [--quick]
+        [--implementations=default,view] [--quick]
 
 For each width d and rank r: the frozen dense layer's step computes y = x W0
 and the gradient for x only (a frozen weight needs no weight gradient); the
@@ -9,9 +9,11 @@ adapted layer's step computes its output and the gradients for x and for the
 adapter parameters. Both jitted, float32, median of repeats timed in
 alternation in the same run; the table reports the ratio adapted / dense. Also times PiSSA's
 randomized SVD init (pissa_niter_4) against the exact SVD init on a square
-kernel. ``--implementations`` times the adapters' forward paths: 'none' (the
-layer view with autodiff) and the fused kernel ('xla', 'pallas', 'auto'; see
-lowrank_jax/kernels/lora_matmul.py). ``--quick``: d = 1024, r = 8, 5 repeats, a
+kernel. ``--implementations`` times the adapters' forward paths: 'default'
+(``implementation=None``: the XLA kernel on this nnx.Linear), 'view' (the layer
+view with autodiff, which the default takes on layers with a custom
+contraction; forced here by an equal custom ``dot_general``), and the kernel
+options 'xla', 'pallas', 'auto' (lowrank_jax/kernels/lora_matmul.py). ``--quick``: d = 1024, r = 8, 5 repeats, a
 1024 x 1024 SVD. Writes benchmarks/results/adapter_overhead.json.
 """
 
@@ -38,7 +40,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed repetitions (median report
 _SVD_DIM = flags.DEFINE_integer("svd_dim", 4096, "Kernel size for the PiSSA init timing.")
 _SVD_RANK = flags.DEFINE_integer("svd_rank", 16, "Rank for the PiSSA init timing.")
 _IMPLEMENTATIONS = flags.DEFINE_list(
-    "implementations", ["none"], "Adapter `implementation` values: none, xla, pallas, auto.")
+    "implementations", ["default", "view"],
+    "Forward paths: default, view, or an `implementation` value: xla, pallas, auto.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smallest setting: d=1024, r=8, 5 repeats.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/adapter_overhead.json", "JSON output path.")
 
@@ -55,8 +58,15 @@ def dense_step_fn(d: int):
   return step
 
 
-def adapted_step_fn(d: int, spec):
-  host = nnx.Dict({"layer": nnx.Linear(d, d, use_bias=False, rngs=nnx.Rngs(0))})
+def equal_dot_general(*args, **kwargs):
+  """jax.lax.dot_general under another name: keeps an adapter on the layer-view path."""
+  return jax.lax.dot_general(*args, **kwargs)
+
+
+def adapted_step_fn(d: int, spec, view_path: bool = False):
+  dot_general = equal_dot_general if view_path else jax.lax.dot_general
+  host = nnx.Dict({"layer": nnx.Linear(d, d, use_bias=False, dot_general=dot_general,
+                                       rngs=nnx.Rngs(0))})
   lrj.attach(host, [("layer", spec)], rngs=nnx.Rngs(1))
   graphdef, adapter_state, rest = nnx.split(host, lrj.AdapterParam, ...)
 
@@ -82,7 +92,11 @@ def main(argv):
     for flag, value in (("dims", ["1024"]), ("ranks", ["8"]), ("repeats", 5), ("svd_dim", 1024)):
       flags.FLAGS[flag].value = value
   repeats = _REPEATS.value
-  implementations = [None if i == "none" else i for i in _IMPLEMENTATIONS.value]
+  implementations = _IMPLEMENTATIONS.value
+  unknown = set(implementations) - {"default", "view", "xla", "pallas", "auto"}
+  if unknown:
+    raise app.UsageError(f"--implementations: unknown {sorted(unknown)}; choose from default, "
+                         "view, xla, pallas, auto.")
   rows = []
   for d in map(int, _DIMS.value):
     x = jax.random.normal(jax.random.key(2), (_TOKENS.value, d), jnp.float32)
@@ -92,12 +106,13 @@ def main(argv):
       for method in ("lora", "dora"):
         calls = [dense_call]
         for impl in implementations:
-          spec = lrj.adapters.get(method, rank=r, alpha=2.0 * r, implementation=impl)
-          step, state = adapted_step_fn(d, spec)
+          kernel_option = None if impl in ("default", "view") else impl
+          spec = lrj.adapters.get(method, rank=r, alpha=2.0 * r, implementation=kernel_option)
+          step, state = adapted_step_fn(d, spec, view_path=impl == "view")
           calls.append((step, (state, x, cotangent)))
         dense, *seconds = median_seconds(calls, repeats)
         for impl, s in zip(implementations, seconds):
-          rows.append(dict(method=method, implementation=impl or "none", d=d, rank=r,
+          rows.append(dict(method=method, implementation=impl, d=d, rank=r,
                            dense_s=dense, adapted_s=s, ratio=s / dense))
   svd_repeats = max(3, repeats // 5)
   exact = time_init("pissa", _SVD_DIM.value, _SVD_RANK.value, svd_repeats)
@@ -105,9 +120,9 @@ def main(argv):
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"tokens={_TOKENS.value}, float32, median of {repeats}")
-  print(f"{'method':<8}{'impl':<7}{'d':>6}{'r':>5}{'dense ms':>11}{'adapted ms':>12}{'ratio':>8}")
+  print(f"{'method':<8}{'impl':<9}{'d':>6}{'r':>5}{'dense ms':>11}{'adapted ms':>12}{'ratio':>8}")
   for row in rows:
-    print(f"{row['method']:<8}{row['implementation']:<7}{row['d']:>6}{row['rank']:>5}{1e3 * row['dense_s']:>11.2f}"
+    print(f"{row['method']:<8}{row['implementation']:<9}{row['d']:>6}{row['rank']:>5}{1e3 * row['dense_s']:>11.2f}"
           f"{1e3 * row['adapted_s']:>12.2f}{row['ratio']:>8.3f}")
   print(f"\nPiSSA init on a {_SVD_DIM.value}x{_SVD_DIM.value} kernel, rank {_SVD_RANK.value}: "
         f"exact SVD {exact:.3f} s, pissa_niter_4 {randomized:.3f} s, "

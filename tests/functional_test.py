@@ -9,6 +9,8 @@ checked here with no new test code.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,14 +116,6 @@ def _calibration(spec, site, view, seed):
   return {site: lrj.calibrate.SiteStats(num_tokens=1, **stats)}
 
 
-def _mergeable(name):
-  spec = lrj.adapters.get(name)
-  model = Host(nnx.Linear(12, 10, rngs=nnx.Rngs(0)))
-  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(0),
-             calibration=_calibration(spec, "layer", lrj.adapters.view_of(model.layer), 0))
-  return type(model.layer).mergeable
-
-
 def _assert_trees_close(a, b, **tol):
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -142,17 +136,28 @@ def test_linen_matches_attach(name, kind):
       calibration=_calibration(spec, "params/layer", view, seed))
   _assert_trees_close(adapter_params["params/layer"], _nnx_adapter_params(model), rtol=0, atol=0)
   model.eval()
-  np.testing.assert_allclose(adapted(adapter_params, variables, x), model(x), **TOL)
+  y_init = adapted(adapter_params, variables, x)
+  np.testing.assert_allclose(y_init, model(x), **TOL)
+  if model.layer.identity_at_init:
+    np.testing.assert_allclose(y_init, linen.apply(variables, x), rtol=1e-5, atol=1e-5)
   # After training-like changes of the adapter params: same outputs, unmerged and merged.
   trained = _randomized(adapter_params, seed + 4)
   _set_nnx_adapter_params(model, trained["params/layer"])
   y = jax.jit(adapted)(trained, variables, x)
   np.testing.assert_allclose(y, model(x), **TOL)
+  # The stand-alone functional.merge rebuilds the adapters from (rules, key) alone.
+  merge_alone = functools.partial(
+      functional.merge, variables, trained, [("params/layer", spec)], key=key,
+      apply_fn=linen.apply, example_args=(x,),
+      calibration=_calibration(spec, "params/layer", view, seed))
   if not type(model.layer).mergeable:
     with pytest.raises(ValueError, match="not mergeable"):
       adapted.merge(trained, variables)
+    with pytest.raises(ValueError, match="not mergeable"):
+      merge_alone()
     return
   merged = adapted.merge(trained, variables)
+  _assert_trees_close(merge_alone(), merged, rtol=0, atol=0)
   lrj.merge(model)
   np.testing.assert_allclose(merged["params"]["layer"]["kernel"], model.layer.kernel[...], **TOL)
   np.testing.assert_allclose(linen.apply(merged, x), y, rtol=2e-5, atol=2e-5)
@@ -184,34 +189,6 @@ def test_plain_function_matches_attach(name):
   np.testing.assert_allclose(jax.jit(adapted)(trained, params, x), model(x), **TOL)
   vmapped = jax.vmap(adapted, in_axes=(None, None, 0))(trained, params, x[:, None])
   np.testing.assert_allclose(vmapped[:, 0], model(x), **TOL)
-
-
-@pytest.mark.parametrize("name,kind", CASES, ids=IDS)
-def test_identity_at_init_and_merge(name, kind):
-  seed = _seed(name, kind, "merge")
-  model, linen, variables, x = _models(kind, seed)
-  spec = lrj.adapters.get(name)
-  rules = [("params/layer", spec)]
-  key = jax.random.key(seed)
-  calibration = _calibration(spec, "params/layer", lrj.adapters.view_of(model.layer), seed)
-  adapted, adapter_params = functional.adapt(linen.apply, variables, rules, key=key,
-                                             example_args=(x,), calibration=calibration)
-  adapter = adapted.adapter("params/layer", adapter_params, adapted.frozen,
-                            dict(functional._flat(variables)))
-  if adapter.identity_at_init:
-    np.testing.assert_allclose(adapted(adapter_params, variables, x), linen.apply(variables, x),
-                               rtol=1e-5, atol=1e-5)
-  trained = _randomized(adapter_params, seed + 1)
-  y = adapted(trained, variables, x)
-  if not _mergeable(name):
-    with pytest.raises(ValueError, match="not mergeable"):
-      functional.merge(variables, trained, rules, key=key, apply_fn=linen.apply,
-                       example_args=(x,), calibration=calibration)
-    return
-  merged = functional.merge(variables, trained, rules, key=key, apply_fn=linen.apply,
-                            example_args=(x,), calibration=calibration)
-  assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(variables)
-  np.testing.assert_allclose(linen.apply(merged, x), y, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
