@@ -103,7 +103,8 @@ class PeftMethod(NamedTuple):
     peft_type: PEFT's ``peft_type``.
     spec_types: our `AdapterSpec` subclasses written as this ``peft_type``.
     key_prefix: the start of the method's tensor suffixes (``hada_``).
-    config: (spec, adapters) -> PEFT config fields; raises for options PEFT cannot express.
+    config: (spec, {torch module name: adapter}) -> PEFT config fields; raises for options
+      PEFT cannot express.
     spec: (PEFT config, shared tensors) -> spec; raises for unsupported options.
     to_torch: adapter -> {suffix: array in PEFT's layout}.
     from_torch: (adapter, {suffix: array}) -> None, sets the leaves.
@@ -111,6 +112,9 @@ class PeftMethod(NamedTuple):
     shared_from_torch: (an adapter, {name: array}) -> None, or None.
     shared_leaves: names of the adapter attributes that every layer must share.
     export_check: adapter -> None, raises for a layer PEFT would rebuild differently.
+    layer_config: ({torch module name: adapter}, PEFT config) -> None, sets the per-layer
+      state that PEFT keeps in the config (AdaLoRA's rank_pattern) on built adapters, before
+      the tensor shapes are checked and `from_torch` runs.
   """
 
   peft_type: str
@@ -124,6 +128,7 @@ class PeftMethod(NamedTuple):
   shared_from_torch: Callable[[Any, dict[str, np.ndarray]], None] | None = None
   shared_leaves: tuple[str, ...] = ()
   export_check: Callable[[Any], None] | None = None
+  layer_config: Callable[[dict[str, Any], dict], None] | None = None
 
 
 # -- LoHa --------------------------------------------------------------------------
@@ -259,8 +264,8 @@ def _fourierft_from_torch(adapter, fields):
 # -- OFT ---------------------------------------------------------------------------
 def _block_layout(spec, adapters, method: str) -> tuple[int, int]:
   """(number of blocks, block size) for the config, one of them 0 as PEFT wants."""
-  sizes = {a.block_size for a in adapters}
-  counts = {a.num_blocks for a in adapters}
+  sizes = {a.block_size for a in adapters.values()}
+  counts = {a.num_blocks for a in adapters.values()}
   if spec.num_blocks is not None or (len(sizes) > 1 and len(counts) == 1):
     return counts.pop(), 0
   if len(sizes) == 1:
@@ -331,7 +336,7 @@ def _boft_from_torch(adapter, fields):
 
 # -- MiSS / Bat (PEFT's MISS tuner, init_weights True / 'mini' / 'bat') ------------------
 def _uniform_rows(adapters, leaf: str, axis: int) -> int:
-  sizes = {getattr(a, leaf).shape[axis] for a in adapters}
+  sizes = {getattr(a, leaf).shape[axis] for a in adapters.values()}
   if len(sizes) > 1:
     raise PeftFormatError(f"PEFT's MISS config holds one r for every layer; the layers use "
                           f"{sorted(sizes)}. Set rank on the spec.")
@@ -370,7 +375,6 @@ _ADALORA_FREE = ("rank", "alpha", "init", "factor_std", "param_dtype")  # the re
 
 
 def _adalora_config(spec, adapters):
-  del adapters
   default = AdaLoRASpec()
   changed = [f.name for f in dataclasses.fields(spec) if f.name not in _ADALORA_FREE
              and getattr(spec, f.name) != getattr(default, f.name)]
@@ -378,28 +382,59 @@ def _adalora_config(spec, adapters):
     raise PeftFormatError(f"adalora options {changed or ['rank=None']} have no PEFT equivalent "
                           "(PEFT's AdaLoRA is a rank-r SVD-form LoRA with a diagonal core).")
   alpha = float(spec.rank if spec.alpha is None else spec.alpha)
+  masks = {name: _np(a.rank_mask) > 0 for name, a in adapters.items()}
+  pruned = any(not mask.all() for mask in masks.values())
+  rank_pattern = ({f"{name}.lora_E": mask.tolist() for name, mask in masks.items()} if pruned
+                  else None)
   return dict(init_r=spec.rank, target_r=spec.rank, r=spec.rank, lora_alpha=alpha, lora_dropout=0.0,
-              total_step=1, tinit=0, tfinal=0, deltaT=1, rank_pattern=None, bias="none",
+              total_step=1, tinit=0, tfinal=0, deltaT=1, rank_pattern=rank_pattern, bias="none",
               fan_in_fan_out=False, init_lora_weights=True, use_dora=False, use_rslora=False,
               exclude_modules=None)
 
 
 def _adalora_spec(config, shared):
   del shared
-  _refuse_options(config, "ADALORA", dict(rank_pattern=None, lora_dropout=0.0, use_dora=False,
-                                          use_rslora=False, bias="none", lora_bias=False))
-  return AdaLoRASpec(rank=int(config["init_r"]), alpha=float(config["lora_alpha"]))
+  _refuse_options(config, "ADALORA", dict(lora_dropout=0.0, use_dora=False, use_rslora=False,
+                                          bias="none", lora_bias=False))
+  spec = AdaLoRASpec(rank=int(config["init_r"]), alpha=float(config["lora_alpha"]))
+  for key, mask in (config.get("rank_pattern") or {}).items():
+    if not key.endswith(".lora_E") or len(mask) != spec.rank:
+      raise PeftFormatError(f"PEFT ADALORA rank_pattern entry {key!r}: expected '<module>.lora_E' "
+                            f"with init_r = {spec.rank} booleans, got {len(mask)} values.")
+  return spec
+
+
+def _adalora_kept(adapter) -> np.ndarray:
+  return _np(adapter.rank_mask) > 0
 
 
 def _adalora_to_torch(adapter):
-  return {"lora_A": _np(adapter.a).T, "lora_B": _np(adapter.b).T,
-          "lora_E": _np(adapter.core).reshape(-1, 1)}
+  """PEFT's layout of the kept triplets (its save trims lora_A/E/B to the rank_pattern)."""
+  kept = _adalora_kept(adapter)
+  return {"lora_A": _np(adapter.a).T[kept], "lora_B": _np(adapter.b).T[:, kept],
+          "lora_E": _np(adapter.core)[kept].reshape(-1, 1)}
 
 
 def _adalora_from_torch(adapter, fields):
-  _set(adapter.a, fields["lora_A"].T)
-  _set(adapter.b, fields["lora_B"].T)
-  _set(adapter.core, fields["lora_E"].reshape(adapter.core.shape))
+  """The kept triplets from the file; the pruned ones are zeros (lambda, and P, Q)."""
+  kept = _adalora_kept(adapter)
+  a, b, core = np.zeros(adapter.a.shape), np.zeros(adapter.b.shape), np.zeros(adapter.core.shape)
+  a[:, kept], b[kept], core[kept] = fields["lora_A"].T, fields["lora_B"].T, fields["lora_E"][:, 0]
+  _set(adapter.a, a)
+  _set(adapter.b, b)
+  _set(adapter.core, core)
+
+
+def _adalora_layer_config(adapters, config):
+  """Our rank_mask from PEFT's rank_pattern (all kept where the pattern has no entry)."""
+  patterns = config.get("rank_pattern") or {}
+  unknown = sorted(set(patterns) - {f"{name}.lora_E" for name in adapters})
+  if unknown:
+    raise PeftFormatError(f"PEFT ADALORA rank_pattern names {unknown}, which are not layers of "
+                          f"the adapter file ({sorted(adapters)}).")
+  for name, adapter in adapters.items():
+    if f"{name}.lora_E" in patterns:
+      _set(adapter.rank_mask, np.asarray(patterns[f"{name}.lora_E"], bool))
 
 
 # -- HRA ---------------------------------------------------------------------------
@@ -438,7 +473,7 @@ METHODS = (
                lambda a: {"miss_block": _np(_miss_leaf(a))},
                lambda a, f: _set(_miss_leaf(a), f["miss_block"])),
     PeftMethod("ADALORA", (AdaLoRASpec,), "lora_", _adalora_config, _adalora_spec,
-               _adalora_to_torch, _adalora_from_torch),
+               _adalora_to_torch, _adalora_from_torch, layer_config=_adalora_layer_config),
     PeftMethod("BOFT", (BOFTSpec,), "boft_", _boft_config, _boft_spec, _boft_to_torch,
                _boft_from_torch),
 )
@@ -446,10 +481,10 @@ BY_SPEC = {t: m for m in METHODS for t in m.spec_types}
 BY_PEFT_TYPE = {m.peft_type: m for m in METHODS}
 
 
-def _check_linear(path: str, view: layers.LayerView, method: str) -> None:
+def _check_layer(path: str, view: layers.LayerView, method: PeftMethod) -> None:
   if view.kind != "linear":
     raise PeftFormatError(f"Layer '{path}' is a {view.kind} layer (kernel {view.kernel_shape}); the "
-                          f"PEFT {method} export supports nnx.Linear layers only.")
+                          f"PEFT {method.peft_type} format supports nnx.Linear layers only.")
 
 
 def _without_dtype(spec):
@@ -480,7 +515,7 @@ def export_methods(sites, *, module_prefix: str, base_model_name_or_path: str | 
                               "separate calls).")
   tensors = {}
   for path, adapter in sorted(sites, key=lambda site: site[0]):
-    _check_linear(path, adapter.view, method.peft_type)
+    _check_layer(path, adapter.view, method)
     if method.export_check is not None:
       method.export_check(adapter)
     name = _torch_name(path, module_prefix)
@@ -493,7 +528,9 @@ def export_methods(sites, *, module_prefix: str, base_model_name_or_path: str | 
                 base_model_name_or_path=base_model_name_or_path,
                 target_modules=sorted(_torch_name(p, module_prefix) for p, _ in sites),
                 modules_to_save=None, layers_to_transform=None, layers_pattern=None,
-                inference_mode=True, **method.config(sites[0][1].spec, [adapter for _, adapter in sites]))
+                inference_mode=True,
+                **method.config(sites[0][1].spec,
+                                {_torch_name(p, module_prefix): a for p, a in sites}))
   return config, tensors
 
 
@@ -525,23 +562,26 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
   except (ValueError, KeyError) as e:
     raise PeftFormatError(f"PEFT {method.peft_type} config is not supported here: {e!r}") from None
   modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
-  built = []
-  for path, fields in sorted(sites.items()):
-    name = _torch_name(path, module_prefix)
+  names = {path: _torch_name(path, module_prefix) for path in sites}
+  probes = {}  # throwaway adapters on copies of the layers give the expected tensor shapes
+  for path in sorted(sites):
     module = modules.get(path)
     if module is None:
-      raise PeftFormatError(f"The adapter targets '{name}', which is not a module of the model "
-                            f"(our path '{path}').")
-    _check_linear(path, layers.view_of(module, path), method.peft_type)
-    try:  # a throwaway adapter on a copy of the layer gives the expected tensor shapes
-      probe = spec.build(nnx.clone(module), rngs=nnx.Rngs(0), path=path)
+      raise PeftFormatError(f"The adapter targets '{names[path]}', which is not a module of the "
+                            f"model (our path '{path}').")
+    _check_layer(path, layers.view_of(module, path), method)
+    try:
+      probes[path] = spec.build(nnx.clone(module), rngs=nnx.Rngs(0), path=path)
     except ValueError as e:
       raise PeftFormatError(f"The {method.peft_type} adapter does not fit layer '{path}': {e}") from None
+  if method.layer_config is not None:
+    method.layer_config({names[p]: probe for p, probe in probes.items()}, config)
+  for path, probe in probes.items():
     expected = {suffix: v.shape for suffix, v in method.to_torch(probe).items()}
-    check_shapes(expected, fields, lambda suffix: f"{_PREFIX}{name}.{suffix}", f"layer '{path}'")
-    built.append(probe)
+    check_shapes(expected, sites[path], lambda suffix, p=path: f"{_PREFIX}{names[p]}.{suffix}",
+                 f"layer '{path}'")
   if method.shared_to_torch is not None:
-    expected = {n: v.shape for n, v in method.shared_to_torch(built).items()}
+    expected = {n: v.shape for n, v in method.shared_to_torch(list(probes.values())).items()}
     check_shapes(expected, shared, lambda n: _SHARED_PREFIX + n, "the adapted layers")
   elif shared:
     raise PeftFormatError(f"Unexpected tensors {sorted(_SHARED_PREFIX + n for n in shared)}.")
@@ -549,6 +589,8 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
   attach(model, [(re.escape(path), spec) for path in sorted(sites)],
          rngs=rngs if rngs is not None else nnx.Rngs(0))
   adapters = dict(adapter_sites(model))
+  if method.layer_config is not None:
+    method.layer_config({names[p]: adapters[p] for p in sites}, config)
   for path, fields in sites.items():
     method.from_torch(adapters[path], fields)
   if method.shared_from_torch is not None:
