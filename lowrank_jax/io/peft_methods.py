@@ -115,6 +115,11 @@ class PeftMethod(NamedTuple):
     layer_config: ({torch module name: adapter}, PEFT config) -> None, sets the per-layer
       state that PEFT keeps in the config (AdaLoRA's rank_pattern) on built adapters, before
       the tensor shapes are checked and `from_torch` runs.
+    conv_fan_in_axes: for a method whose PEFT Conv2d layer works on the kernel flattened to
+      (out, in * kh * kw) with math that commutes with a permutation of that axis: {suffix:
+      the tensor axis that runs over fan_in}; the exporter / importer reorder it between our
+      (kh, kw, in) flattening and PEFT's (in, kh, kw). None: nnx.Linear layers only.
+    no_conv: why the method has no exact 2-D conv mapping (when conv_fan_in_axes is None).
   """
 
   peft_type: str
@@ -129,6 +134,8 @@ class PeftMethod(NamedTuple):
   shared_leaves: tuple[str, ...] = ()
   export_check: Callable[[Any], None] | None = None
   layer_config: Callable[[dict[str, Any], dict], None] | None = None
+  conv_fan_in_axes: dict[str, int] | None = None
+  no_conv: str = "PEFT's layer for it exists for nn.Linear only"
 
 
 # -- LoHa --------------------------------------------------------------------------
@@ -142,8 +149,17 @@ def _lycoris_alpha(spec) -> float:
   return float(spec.rank if spec.alpha is None else spec.alpha)
 
 
+def _refuse_effective_conv(config, method: str) -> None:
+  if config.get("use_effective_conv2d"):
+    raise PeftFormatError(
+        f"PEFT {method} use_effective_conv2d=True (a CP decomposition of the conv kernel, with "
+        "core tensors over the kernel window) has no equivalent here: our adapters factor the "
+        "flattened (kh * kw * in, out) matrix. Save the PEFT adapter with use_effective_conv2d=False.")
+
+
 def _loha_spec(config, shared):
   del shared
+  _refuse_effective_conv(config, "LOHA")
   _refuse_options(config, "LOHA", _LYCORIS_OPTIONS)
   return LoHaSpec(rank=int(config["r"]), alpha=float(config["alpha"]))
 
@@ -165,6 +181,7 @@ def _lokr_config(spec, adapters):
 
 def _lokr_spec(config, shared):
   del shared
+  _refuse_effective_conv(config, "LOKR")
   _refuse_options(config, "LOKR", dict(_LYCORIS_OPTIONS, rank_dropout_scale=False))
   return LoKrSpec(rank=int(config["r"]), alpha=float(config["alpha"]),
                   decompose_both=bool(config.get("decompose_both", False)),
@@ -438,19 +455,35 @@ def _adalora_layer_config(adapters, config):
 
 
 # -- HRA ---------------------------------------------------------------------------
+def _hra_check(adapter):
+  shape = adapter.view.kernel_shape
+  if adapter.view.kind == "conv" and shape[0] != shape[1]:
+    raise PeftFormatError(f"HRA layer '{adapter.path}' has a {shape[0]} x {shape[1]} window; PEFT's "
+                          "HRA Conv2d sizes hra_u by kernel_size[0] ** 2, so it holds square "
+                          "windows only.")
+
+
 def _hra_spec(config, shared):
   del shared
   _refuse_options(config, "HRA", dict(apply_GS=False, bias="none"))
   return HRASpec(rank=int(config["r"]))
 
 
+_BLOCKS_ON_CONV = ("PEFT's Conv2d layer rotates contiguous blocks of the filter flattened in "
+                   "(in, kh, kw) order, ours blocks of the (kh, kw, in) flattening: the "
+                   "block-diagonal rotations differ")
+
 METHODS = (
     PeftMethod("LOHA", (LoHaSpec,), "hada_",
                lambda spec, _: dict(r=spec.rank, alpha=_lycoris_alpha(spec), exclude_modules=None,
                                  **_LYCORIS_OPTIONS),
-               _loha_spec, _transposed_to_torch(_LOHA_NAMES), _transposed_from_torch(_LOHA_NAMES)),
+               _loha_spec, _transposed_to_torch(_LOHA_NAMES), _transposed_from_torch(_LOHA_NAMES),
+               conv_fan_in_axes={"hada_w1_b": 1, "hada_w2_b": 1}),
     PeftMethod("LOKR", (LoKrSpec,), "lokr_", _lokr_config, _lokr_spec,
-               _transposed_to_torch(_LOKR_NAMES), _transposed_from_torch(_LOKR_NAMES)),
+               _transposed_to_torch(_LOKR_NAMES), _transposed_from_torch(_LOKR_NAMES),
+               no_conv="PEFT's LoKr Conv2d keeps the whole kernel window in the second Kronecker "
+               "factor (lokr_w2 (out_k, in_n, kh, kw)) while ours factors the flattened "
+               "(kh * kw * in, out) matrix: different parametrizations"),
     PeftMethod("VERA", (VeRASpec,), "vera_", _vera_config, _vera_spec,
                lambda a: {"vera_lambda_d": _np(a.vera_d), "vera_lambda_b": _np(a.vera_b)},
                lambda a, f: (_set(a.vera_d, f["vera_lambda_d"]), _set(a.vera_b, f["vera_lambda_b"])),
@@ -465,26 +498,54 @@ METHODS = (
     PeftMethod("HRA", (HRASpec,), "hra_",
                lambda spec, _: dict(r=spec.rank, apply_GS=False, init_weights=True, bias="none",
                                  exclude_modules=None),
-               _hra_spec, lambda a: {"hra_u": _np(a.hra_u)}, lambda a, f: _set(a.hra_u, f["hra_u"])),
+               _hra_spec, lambda a: {"hra_u": _np(a.hra_u)}, lambda a, f: _set(a.hra_u, f["hra_u"]),
+               export_check=_hra_check, conv_fan_in_axes={"hra_u": 0}),
     PeftMethod("OFT", (OFTSpec,), "oft_", _oft_config, _oft_spec,
                lambda a: {"oft_R.weight": _oft_sign(a) * _np(a.oft_q)},
-               lambda a, f: _set(a.oft_q, _oft_sign(a) * f["oft_R.weight"])),
+               lambda a, f: _set(a.oft_q, _oft_sign(a) * f["oft_R.weight"]),
+               no_conv=_BLOCKS_ON_CONV),
     PeftMethod("MISS", (MiSSSpec, BatSpec), "miss_", _miss_config, _miss_spec,
                lambda a: {"miss_block": _np(_miss_leaf(a))},
                lambda a, f: _set(_miss_leaf(a), f["miss_block"])),
     PeftMethod("ADALORA", (AdaLoRASpec,), "lora_", _adalora_config, _adalora_spec,
-               _adalora_to_torch, _adalora_from_torch, layer_config=_adalora_layer_config),
+               _adalora_to_torch, _adalora_from_torch, layer_config=_adalora_layer_config,
+               conv_fan_in_axes={"lora_A": 1}),
     PeftMethod("BOFT", (BOFTSpec,), "boft_", _boft_config, _boft_spec, _boft_to_torch,
-               _boft_from_torch),
+               _boft_from_torch, no_conv=_BLOCKS_ON_CONV),
 )
 BY_SPEC = {t: m for m in METHODS for t in m.spec_types}
 BY_PEFT_TYPE = {m.peft_type: m for m in METHODS}
 
 
 def _check_layer(path: str, view: layers.LayerView, method: PeftMethod) -> None:
-  if view.kind != "linear":
-    raise PeftFormatError(f"Layer '{path}' is a {view.kind} layer (kernel {view.kernel_shape}); the "
-                          f"PEFT {method.peft_type} format supports nnx.Linear layers only.")
+  if view.kind == "linear":
+    return
+  if view.kind == "conv" and len(view.kernel_shape) == 4:
+    if method.conv_fan_in_axes is None:
+      raise PeftFormatError(f"Layer '{path}' is a 2-D conv layer (kernel {view.kernel_shape}); the "
+                            f"PEFT {method.peft_type} format has no exact conv mapping: "
+                            f"{method.no_conv}.")
+    return
+  supported = "nnx.Linear" + ("" if method.conv_fan_in_axes is None else " and 2-D nnx.Conv")
+  raise PeftFormatError(f"Layer '{path}' is a {view.kind} layer (kernel {view.kernel_shape}); the "
+                        f"PEFT {method.peft_type} format supports {supported} layers only.")
+
+
+def _conv_order(view: layers.LayerView, fields: dict[str, np.ndarray], axes: dict[str, int] | None,
+                to_torch: bool) -> dict[str, np.ndarray]:
+  """Reorder the fan_in axes of a conv layer's tensors between (kh, kw, in) and PEFT's (in, kh, kw)."""
+  if view.kind != "conv":
+    return fields
+  kh, kw, cin, _ = view.kernel_shape
+  ours, theirs = (kh, kw, cin), (cin, kh, kw)
+  out = dict(fields)
+  for suffix, axis in axes.items():
+    x = np.moveaxis(fields[suffix], axis, 0)
+    x = (x.reshape(ours + x.shape[1:]).transpose((2, 0, 1) + tuple(range(3, x.ndim + 2)))
+         if to_torch else
+         x.reshape(theirs + x.shape[1:]).transpose((1, 2, 0) + tuple(range(3, x.ndim + 2))))
+    out[suffix] = np.moveaxis(x.reshape(fields[suffix].shape[axis], *x.shape[3:]), 0, axis)
+  return out
 
 
 def _without_dtype(spec):
@@ -519,7 +580,8 @@ def export_methods(sites, *, module_prefix: str, base_model_name_or_path: str | 
     if method.export_check is not None:
       method.export_check(adapter)
     name = _torch_name(path, module_prefix)
-    for suffix, value in method.to_torch(adapter).items():
+    fields = _conv_order(adapter.view, method.to_torch(adapter), method.conv_fan_in_axes, True)
+    for suffix, value in fields.items():
       tensors[f"{_PREFIX}{name}.{suffix}"] = np.ascontiguousarray(value)
   if method.shared_to_torch is not None:
     for name, value in method.shared_to_torch([adapter for _, adapter in sites]).items():
@@ -592,7 +654,8 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
   if method.layer_config is not None:
     method.layer_config({names[p]: adapters[p] for p in sites}, config)
   for path, fields in sites.items():
-    method.from_torch(adapters[path], fields)
+    adapter = adapters[path]
+    method.from_torch(adapter, _conv_order(adapter.view, fields, method.conv_fan_in_axes, False))
   if method.shared_from_torch is not None:
     method.shared_from_torch(adapters[min(sites)], shared)
   return model
