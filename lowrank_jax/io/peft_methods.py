@@ -11,9 +11,21 @@ projections) are stored once as ``base_model.<name>`` (`shared_to_torch`,
 `export_methods` and `import_methods` are the one mechanism over that table;
 `lowrank_jax.io.peft.export_peft` / `import_peft` call them for these methods
 (LoRA and DoRA keep their own format code there). Supported layers:
-``nnx.Linear`` (PEFT's layouts of Conv and the CP-decomposed kernels differ
-from our flattened matrix view). A spec option PEFT cannot express, or a model
-mixing methods or hyperparameters, raises `PeftFormatError`.
+``nnx.Linear`` for every row, and 2-D ``nnx.Conv`` (PEFT's ``nn.Conv2d``) for
+LoHa, HRA and AdaLoRA (`PeftMethod.conv_fan_in_axes`). A spec option PEFT
+cannot express, or a model mixing methods or hyperparameters, raises
+`PeftFormatError`.
+
+2-D conv: PEFT flattens a filter to (out, in * kh * kw) in (in, kh, kw) order,
+our view to (kh * kw * in, out). LoHa's Hadamard product, HRA's reflections and
+AdaLoRA's SVD factors commute with a permutation of the fan_in axis, so those
+tensors are reordered on export / import and the mapping is exact (HRA: square
+windows only, PEFT sizes ``hra_u`` by ``kernel_size[0] ** 2``). Refused with the
+reason (`PeftMethod.no_conv`): LoKr (PEFT keeps the whole window in the second
+Kronecker factor, ``lokr_w2`` (out_k, in_n, kh, kw)), OFT and BOFT (PEFT rotates
+contiguous blocks of its (in, kh, kw) flattening, ours of (kh, kw, in)), and
+``use_effective_conv2d=True`` files (PEFT's CP decomposition of the kernel).
+VeRA, FourierFT and MiSS have no Conv2d layer in PEFT.
 
 Layouts (ours (fan_in, fan_out) -> PEFT):
 
@@ -31,8 +43,12 @@ Layouts (ours (fan_in, fan_out) -> PEFT):
 * AdaLoRA: ``lora_A = a.T`` (r, in), ``lora_B = b.T`` (out, r), ``lora_E``
   (r, 1) = the diagonal core (pruned values are zeros). PEFT scales by
   ``lora_alpha / (ranknum + 1e-5)``, ours by ``alpha / r``: a relative
-  difference of 1e-5 / r. Files pruned by PEFT (``rank_pattern`` set, tensors
-  trimmed per layer) are refused on import.
+  difference of 1e-5 / r. After pruning (`BudgetAllocator`), each adapter's
+  ``rank_mask`` is PEFT's ``rank_pattern`` entry ``'<module>.lora_E'``: export
+  writes the pattern and only the kept triplets, as PEFT's save trims them
+  (``lora_A`` (kept, in), ``lora_E`` (kept, 1), ``lora_B`` (out, kept)); import
+  sets ``rank_mask`` and puts the kept triplets in their slots, the pruned
+  slots zero. No pattern is written while every mask is one.
 * BOFT: ``boft_R`` (m, k, b, b) = the skew matrices of ``-boft_q`` (PEFT uses
   only the skew part ``(R - R^T) / 2`` of its full matrices, so import is
   exact), ``boft_s`` (out, 1) = ``boft_scale``. PEFT without its CUDA
@@ -537,15 +553,10 @@ def _conv_order(view: layers.LayerView, fields: dict[str, np.ndarray], axes: dic
   if view.kind != "conv":
     return fields
   kh, kw, cin, _ = view.kernel_shape
-  ours, theirs = (kh, kw, cin), (cin, kh, kw)
-  out = dict(fields)
-  for suffix, axis in axes.items():
-    x = np.moveaxis(fields[suffix], axis, 0)
-    x = (x.reshape(ours + x.shape[1:]).transpose((2, 0, 1) + tuple(range(3, x.ndim + 2)))
-         if to_torch else
-         x.reshape(theirs + x.shape[1:]).transpose((1, 2, 0) + tuple(range(3, x.ndim + 2))))
-    out[suffix] = np.moveaxis(x.reshape(fields[suffix].shape[axis], *x.shape[3:]), 0, axis)
-  return out
+  ours_at = np.arange(kh * kw * cin).reshape(kh, kw, cin).transpose(2, 0, 1).reshape(-1)
+  order = ours_at if to_torch else np.argsort(ours_at)  # PEFT's entry j is our entry ours_at[j]
+  return {suffix: np.take(value, order, axis=axes[suffix]) if suffix in axes else value
+          for suffix, value in fields.items()}
 
 
 def _without_dtype(spec):
