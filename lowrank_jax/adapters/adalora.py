@@ -32,6 +32,12 @@ numerically against ``peft.tuners.adalora.RankAllocator``); PEFT's
 ``kthvalue`` with k = 0 (budget equal to the initial one) raises, ours
 masks nothing. The scale is ``alpha / r`` with the initial r, like PEFT's
 ``lora_alpha / ranknum``.
+
+Each adapter keeps the allocator's latest pattern in ``rank_mask`` (an
+`AdapterBuffer` of 0/1 per triplet, all ones until the first masking), PEFT's
+``rank_pattern``: the forward does not read it (the pruned lambdas are zeros),
+the PEFT export writes only the kept triplets and the pattern
+(`lowrank_jax.io.peft_methods`).
 """
 
 from __future__ import annotations
@@ -62,6 +68,12 @@ class AdaLoRASpec(FactoredSpec):
   factor_std: float | None = None
   core: str = "diagonal"
   train: tuple[str, ...] = ("a", "core", "b")
+
+  def build(self, base, *, rngs, calibration=None, path=""):
+    adapter = super().build(base, rngs=rngs, calibration=calibration, path=path)
+    core = adapter.core[...]
+    adapter.rank_mask = adapter_base.AdapterBuffer(jnp.ones(core.shape, core.dtype))
+    return adapter
 
 
 def adalora_sites(model: nnx.Module) -> list[tuple[str, Factored]]:
@@ -187,6 +199,7 @@ class BudgetAllocator:
     for path, adapter in adalora_sites(model):
       core = adapter.core[...]
       adapter.core[...] = jnp.where(pattern[path], core, jnp.zeros_like(core))
+      adapter.rank_mask[...] = jnp.asarray(pattern[path], core.dtype)
 
   def ranks(self, model: nnx.Module) -> dict[str, int]:
     """Current rank (number of nonzero lambda) of every AdaLoRA adapter."""

@@ -11,9 +11,21 @@ projections) are stored once as ``base_model.<name>`` (`shared_to_torch`,
 `export_methods` and `import_methods` are the one mechanism over that table;
 `lowrank_jax.io.peft.export_peft` / `import_peft` call them for these methods
 (LoRA and DoRA keep their own format code there). Supported layers:
-``nnx.Linear`` (PEFT's layouts of Conv and the CP-decomposed kernels differ
-from our flattened matrix view). A spec option PEFT cannot express, or a model
-mixing methods or hyperparameters, raises `PeftFormatError`.
+``nnx.Linear`` for every row, and 2-D ``nnx.Conv`` (PEFT's ``nn.Conv2d``) for
+LoHa, HRA and AdaLoRA (`PeftMethod.conv_fan_in_axes`). A spec option PEFT
+cannot express, or a model mixing methods or hyperparameters, raises
+`PeftFormatError`.
+
+2-D conv: PEFT flattens a filter to (out, in * kh * kw) in (in, kh, kw) order,
+our view to (kh * kw * in, out). LoHa's Hadamard product, HRA's reflections and
+AdaLoRA's SVD factors commute with a permutation of the fan_in axis, so those
+tensors are reordered on export / import and the mapping is exact (HRA: square
+windows only, PEFT sizes ``hra_u`` by ``kernel_size[0] ** 2``). Refused with the
+reason (`PeftMethod.no_conv`): LoKr (PEFT keeps the whole window in the second
+Kronecker factor, ``lokr_w2`` (out_k, in_n, kh, kw)), OFT and BOFT (PEFT rotates
+contiguous blocks of its (in, kh, kw) flattening, ours of (kh, kw, in)), and
+``use_effective_conv2d=True`` files (PEFT's CP decomposition of the kernel).
+VeRA, FourierFT and MiSS have no Conv2d layer in PEFT.
 
 Layouts (ours (fan_in, fan_out) -> PEFT):
 
@@ -31,8 +43,12 @@ Layouts (ours (fan_in, fan_out) -> PEFT):
 * AdaLoRA: ``lora_A = a.T`` (r, in), ``lora_B = b.T`` (out, r), ``lora_E``
   (r, 1) = the diagonal core (pruned values are zeros). PEFT scales by
   ``lora_alpha / (ranknum + 1e-5)``, ours by ``alpha / r``: a relative
-  difference of 1e-5 / r. Files pruned by PEFT (``rank_pattern`` set, tensors
-  trimmed per layer) are refused on import.
+  difference of 1e-5 / r. After pruning (`BudgetAllocator`), each adapter's
+  ``rank_mask`` is PEFT's ``rank_pattern`` entry ``'<module>.lora_E'``: export
+  writes the pattern and only the kept triplets, as PEFT's save trims them
+  (``lora_A`` (kept, in), ``lora_E`` (kept, 1), ``lora_B`` (out, kept)); import
+  sets ``rank_mask`` and puts the kept triplets in their slots, the pruned
+  slots zero. No pattern is written while every mask is one.
 * BOFT: ``boft_R`` (m, k, b, b) = the skew matrices of ``-boft_q`` (PEFT uses
   only the skew part ``(R - R^T) / 2`` of its full matrices, so import is
   exact), ``boft_s`` (out, 1) = ``boft_scale``. PEFT without its CUDA
@@ -103,7 +119,8 @@ class PeftMethod(NamedTuple):
     peft_type: PEFT's ``peft_type``.
     spec_types: our `AdapterSpec` subclasses written as this ``peft_type``.
     key_prefix: the start of the method's tensor suffixes (``hada_``).
-    config: (spec, adapters) -> PEFT config fields; raises for options PEFT cannot express.
+    config: (spec, {torch module name: adapter}) -> PEFT config fields; raises for options
+      PEFT cannot express.
     spec: (PEFT config, shared tensors) -> spec; raises for unsupported options.
     to_torch: adapter -> {suffix: array in PEFT's layout}.
     from_torch: (adapter, {suffix: array}) -> None, sets the leaves.
@@ -111,6 +128,14 @@ class PeftMethod(NamedTuple):
     shared_from_torch: (an adapter, {name: array}) -> None, or None.
     shared_leaves: names of the adapter attributes that every layer must share.
     export_check: adapter -> None, raises for a layer PEFT would rebuild differently.
+    layer_config: ({torch module name: adapter}, PEFT config) -> None, sets the per-layer
+      state that PEFT keeps in the config (AdaLoRA's rank_pattern) on built adapters, before
+      the tensor shapes are checked and `from_torch` runs.
+    conv_fan_in_axes: for a method whose PEFT Conv2d layer works on the kernel flattened to
+      (out, in * kh * kw) with math that commutes with a permutation of that axis: {suffix:
+      the tensor axis that runs over fan_in}; the exporter / importer reorder it between our
+      (kh, kw, in) flattening and PEFT's (in, kh, kw). None: nnx.Linear layers only.
+    no_conv: why the method has no exact 2-D conv mapping (when conv_fan_in_axes is None).
   """
 
   peft_type: str
@@ -124,6 +149,9 @@ class PeftMethod(NamedTuple):
   shared_from_torch: Callable[[Any, dict[str, np.ndarray]], None] | None = None
   shared_leaves: tuple[str, ...] = ()
   export_check: Callable[[Any], None] | None = None
+  layer_config: Callable[[dict[str, Any], dict], None] | None = None
+  conv_fan_in_axes: dict[str, int] | None = None
+  no_conv: str = "PEFT's layer for it exists for nn.Linear only"
 
 
 # -- LoHa --------------------------------------------------------------------------
@@ -137,8 +165,17 @@ def _lycoris_alpha(spec) -> float:
   return float(spec.rank if spec.alpha is None else spec.alpha)
 
 
+def _refuse_effective_conv(config, method: str) -> None:
+  if config.get("use_effective_conv2d"):
+    raise PeftFormatError(
+        f"PEFT {method} use_effective_conv2d=True (a CP decomposition of the conv kernel, with "
+        "core tensors over the kernel window) has no equivalent here: our adapters factor the "
+        "flattened (kh * kw * in, out) matrix. Save the PEFT adapter with use_effective_conv2d=False.")
+
+
 def _loha_spec(config, shared):
   del shared
+  _refuse_effective_conv(config, "LOHA")
   _refuse_options(config, "LOHA", _LYCORIS_OPTIONS)
   return LoHaSpec(rank=int(config["r"]), alpha=float(config["alpha"]))
 
@@ -160,6 +197,7 @@ def _lokr_config(spec, adapters):
 
 def _lokr_spec(config, shared):
   del shared
+  _refuse_effective_conv(config, "LOKR")
   _refuse_options(config, "LOKR", dict(_LYCORIS_OPTIONS, rank_dropout_scale=False))
   return LoKrSpec(rank=int(config["r"]), alpha=float(config["alpha"]),
                   decompose_both=bool(config.get("decompose_both", False)),
@@ -259,8 +297,8 @@ def _fourierft_from_torch(adapter, fields):
 # -- OFT ---------------------------------------------------------------------------
 def _block_layout(spec, adapters, method: str) -> tuple[int, int]:
   """(number of blocks, block size) for the config, one of them 0 as PEFT wants."""
-  sizes = {a.block_size for a in adapters}
-  counts = {a.num_blocks for a in adapters}
+  sizes = {a.block_size for a in adapters.values()}
+  counts = {a.num_blocks for a in adapters.values()}
   if spec.num_blocks is not None or (len(sizes) > 1 and len(counts) == 1):
     return counts.pop(), 0
   if len(sizes) == 1:
@@ -331,7 +369,7 @@ def _boft_from_torch(adapter, fields):
 
 # -- MiSS / Bat (PEFT's MISS tuner, init_weights True / 'mini' / 'bat') ------------------
 def _uniform_rows(adapters, leaf: str, axis: int) -> int:
-  sizes = {getattr(a, leaf).shape[axis] for a in adapters}
+  sizes = {getattr(a, leaf).shape[axis] for a in adapters.values()}
   if len(sizes) > 1:
     raise PeftFormatError(f"PEFT's MISS config holds one r for every layer; the layers use "
                           f"{sorted(sizes)}. Set rank on the spec.")
@@ -370,7 +408,6 @@ _ADALORA_FREE = ("rank", "alpha", "init", "factor_std", "param_dtype")  # the re
 
 
 def _adalora_config(spec, adapters):
-  del adapters
   default = AdaLoRASpec()
   changed = [f.name for f in dataclasses.fields(spec) if f.name not in _ADALORA_FREE
              and getattr(spec, f.name) != getattr(default, f.name)]
@@ -378,44 +415,91 @@ def _adalora_config(spec, adapters):
     raise PeftFormatError(f"adalora options {changed or ['rank=None']} have no PEFT equivalent "
                           "(PEFT's AdaLoRA is a rank-r SVD-form LoRA with a diagonal core).")
   alpha = float(spec.rank if spec.alpha is None else spec.alpha)
+  masks = {name: _np(a.rank_mask) > 0 for name, a in adapters.items()}
+  pruned = any(not mask.all() for mask in masks.values())
+  rank_pattern = ({f"{name}.lora_E": mask.tolist() for name, mask in masks.items()} if pruned
+                  else None)
   return dict(init_r=spec.rank, target_r=spec.rank, r=spec.rank, lora_alpha=alpha, lora_dropout=0.0,
-              total_step=1, tinit=0, tfinal=0, deltaT=1, rank_pattern=None, bias="none",
+              total_step=1, tinit=0, tfinal=0, deltaT=1, rank_pattern=rank_pattern, bias="none",
               fan_in_fan_out=False, init_lora_weights=True, use_dora=False, use_rslora=False,
               exclude_modules=None)
 
 
 def _adalora_spec(config, shared):
   del shared
-  _refuse_options(config, "ADALORA", dict(rank_pattern=None, lora_dropout=0.0, use_dora=False,
-                                          use_rslora=False, bias="none", lora_bias=False))
-  return AdaLoRASpec(rank=int(config["init_r"]), alpha=float(config["lora_alpha"]))
+  _refuse_options(config, "ADALORA", dict(lora_dropout=0.0, use_dora=False, use_rslora=False,
+                                          bias="none", lora_bias=False))
+  spec = AdaLoRASpec(rank=int(config["init_r"]), alpha=float(config["lora_alpha"]))
+  for key, mask in (config.get("rank_pattern") or {}).items():
+    if not key.endswith(".lora_E") or len(mask) != spec.rank:
+      raise PeftFormatError(f"PEFT ADALORA rank_pattern entry {key!r}: expected '<module>.lora_E' "
+                            f"with init_r = {spec.rank} booleans, got {len(mask)} values.")
+  return spec
+
+
+def _adalora_kept(adapter) -> np.ndarray:
+  return _np(adapter.rank_mask) > 0
 
 
 def _adalora_to_torch(adapter):
-  return {"lora_A": _np(adapter.a).T, "lora_B": _np(adapter.b).T,
-          "lora_E": _np(adapter.core).reshape(-1, 1)}
+  """PEFT's layout of the kept triplets (its save trims lora_A/E/B to the rank_pattern)."""
+  kept = _adalora_kept(adapter)
+  return {"lora_A": _np(adapter.a).T[kept], "lora_B": _np(adapter.b).T[:, kept],
+          "lora_E": _np(adapter.core)[kept].reshape(-1, 1)}
 
 
 def _adalora_from_torch(adapter, fields):
-  _set(adapter.a, fields["lora_A"].T)
-  _set(adapter.b, fields["lora_B"].T)
-  _set(adapter.core, fields["lora_E"].reshape(adapter.core.shape))
+  """The kept triplets from the file; the pruned ones are zeros (lambda, and P, Q)."""
+  kept = _adalora_kept(adapter)
+  a, b, core = np.zeros(adapter.a.shape), np.zeros(adapter.b.shape), np.zeros(adapter.core.shape)
+  a[:, kept], b[kept], core[kept] = fields["lora_A"].T, fields["lora_B"].T, fields["lora_E"][:, 0]
+  _set(adapter.a, a)
+  _set(adapter.b, b)
+  _set(adapter.core, core)
+
+
+def _adalora_layer_config(adapters, config):
+  """Our rank_mask from PEFT's rank_pattern (all kept where the pattern has no entry)."""
+  patterns = config.get("rank_pattern") or {}
+  unknown = sorted(set(patterns) - {f"{name}.lora_E" for name in adapters})
+  if unknown:
+    raise PeftFormatError(f"PEFT ADALORA rank_pattern names {unknown}, which are not layers of "
+                          f"the adapter file ({sorted(adapters)}).")
+  for name, adapter in adapters.items():
+    if f"{name}.lora_E" in patterns:
+      _set(adapter.rank_mask, np.asarray(patterns[f"{name}.lora_E"], bool))
 
 
 # -- HRA ---------------------------------------------------------------------------
+def _hra_check(adapter):
+  shape = adapter.view.kernel_shape
+  if adapter.view.kind == "conv" and shape[0] != shape[1]:
+    raise PeftFormatError(f"HRA layer '{adapter.path}' has a {shape[0]} x {shape[1]} window; PEFT's "
+                          "HRA Conv2d sizes hra_u by kernel_size[0] ** 2, so it holds square "
+                          "windows only.")
+
+
 def _hra_spec(config, shared):
   del shared
   _refuse_options(config, "HRA", dict(apply_GS=False, bias="none"))
   return HRASpec(rank=int(config["r"]))
 
 
+_BLOCKS_ON_CONV = ("PEFT's Conv2d layer rotates contiguous blocks of the filter flattened in "
+                   "(in, kh, kw) order, ours blocks of the (kh, kw, in) flattening: the "
+                   "block-diagonal rotations differ")
+
 METHODS = (
     PeftMethod("LOHA", (LoHaSpec,), "hada_",
                lambda spec, _: dict(r=spec.rank, alpha=_lycoris_alpha(spec), exclude_modules=None,
                                  **_LYCORIS_OPTIONS),
-               _loha_spec, _transposed_to_torch(_LOHA_NAMES), _transposed_from_torch(_LOHA_NAMES)),
+               _loha_spec, _transposed_to_torch(_LOHA_NAMES), _transposed_from_torch(_LOHA_NAMES),
+               conv_fan_in_axes={"hada_w1_b": 1, "hada_w2_b": 1}),
     PeftMethod("LOKR", (LoKrSpec,), "lokr_", _lokr_config, _lokr_spec,
-               _transposed_to_torch(_LOKR_NAMES), _transposed_from_torch(_LOKR_NAMES)),
+               _transposed_to_torch(_LOKR_NAMES), _transposed_from_torch(_LOKR_NAMES),
+               no_conv="PEFT's LoKr Conv2d keeps the whole kernel window in the second Kronecker "
+               "factor (lokr_w2 (out_k, in_n, kh, kw)) while ours factors the flattened "
+               "(kh * kw * in, out) matrix: different parametrizations"),
     PeftMethod("VERA", (VeRASpec,), "vera_", _vera_config, _vera_spec,
                lambda a: {"vera_lambda_d": _np(a.vera_d), "vera_lambda_b": _np(a.vera_b)},
                lambda a, f: (_set(a.vera_d, f["vera_lambda_d"]), _set(a.vera_b, f["vera_lambda_b"])),
@@ -430,26 +514,49 @@ METHODS = (
     PeftMethod("HRA", (HRASpec,), "hra_",
                lambda spec, _: dict(r=spec.rank, apply_GS=False, init_weights=True, bias="none",
                                  exclude_modules=None),
-               _hra_spec, lambda a: {"hra_u": _np(a.hra_u)}, lambda a, f: _set(a.hra_u, f["hra_u"])),
+               _hra_spec, lambda a: {"hra_u": _np(a.hra_u)}, lambda a, f: _set(a.hra_u, f["hra_u"]),
+               export_check=_hra_check, conv_fan_in_axes={"hra_u": 0}),
     PeftMethod("OFT", (OFTSpec,), "oft_", _oft_config, _oft_spec,
                lambda a: {"oft_R.weight": _oft_sign(a) * _np(a.oft_q)},
-               lambda a, f: _set(a.oft_q, _oft_sign(a) * f["oft_R.weight"])),
+               lambda a, f: _set(a.oft_q, _oft_sign(a) * f["oft_R.weight"]),
+               no_conv=_BLOCKS_ON_CONV),
     PeftMethod("MISS", (MiSSSpec, BatSpec), "miss_", _miss_config, _miss_spec,
                lambda a: {"miss_block": _np(_miss_leaf(a))},
                lambda a, f: _set(_miss_leaf(a), f["miss_block"])),
     PeftMethod("ADALORA", (AdaLoRASpec,), "lora_", _adalora_config, _adalora_spec,
-               _adalora_to_torch, _adalora_from_torch),
+               _adalora_to_torch, _adalora_from_torch, layer_config=_adalora_layer_config,
+               conv_fan_in_axes={"lora_A": 1}),
     PeftMethod("BOFT", (BOFTSpec,), "boft_", _boft_config, _boft_spec, _boft_to_torch,
-               _boft_from_torch),
+               _boft_from_torch, no_conv=_BLOCKS_ON_CONV),
 )
 BY_SPEC = {t: m for m in METHODS for t in m.spec_types}
 BY_PEFT_TYPE = {m.peft_type: m for m in METHODS}
 
 
-def _check_linear(path: str, view: layers.LayerView, method: str) -> None:
-  if view.kind != "linear":
-    raise PeftFormatError(f"Layer '{path}' is a {view.kind} layer (kernel {view.kernel_shape}); the "
-                          f"PEFT {method} export supports nnx.Linear layers only.")
+def _check_layer(path: str, view: layers.LayerView, method: PeftMethod) -> None:
+  if view.kind == "linear":
+    return
+  if view.kind == "conv" and len(view.kernel_shape) == 4:
+    if method.conv_fan_in_axes is None:
+      raise PeftFormatError(f"Layer '{path}' is a 2-D conv layer (kernel {view.kernel_shape}); the "
+                            f"PEFT {method.peft_type} format has no exact conv mapping: "
+                            f"{method.no_conv}.")
+    return
+  supported = "nnx.Linear" + ("" if method.conv_fan_in_axes is None else " and 2-D nnx.Conv")
+  raise PeftFormatError(f"Layer '{path}' is a {view.kind} layer (kernel {view.kernel_shape}); the "
+                        f"PEFT {method.peft_type} format supports {supported} layers only.")
+
+
+def _conv_order(view: layers.LayerView, fields: dict[str, np.ndarray], axes: dict[str, int] | None,
+                to_torch: bool) -> dict[str, np.ndarray]:
+  """Reorder the fan_in axes of a conv layer's tensors between (kh, kw, in) and PEFT's (in, kh, kw)."""
+  if view.kind != "conv":
+    return fields
+  kh, kw, cin, _ = view.kernel_shape
+  ours_at = np.arange(kh * kw * cin).reshape(kh, kw, cin).transpose(2, 0, 1).reshape(-1)
+  order = ours_at if to_torch else np.argsort(ours_at)  # PEFT's entry j is our entry ours_at[j]
+  return {suffix: np.take(value, order, axis=axes[suffix]) if suffix in axes else value
+          for suffix, value in fields.items()}
 
 
 def _without_dtype(spec):
@@ -480,11 +587,12 @@ def export_methods(sites, *, module_prefix: str, base_model_name_or_path: str | 
                               "separate calls).")
   tensors = {}
   for path, adapter in sorted(sites, key=lambda site: site[0]):
-    _check_linear(path, adapter.view, method.peft_type)
+    _check_layer(path, adapter.view, method)
     if method.export_check is not None:
       method.export_check(adapter)
     name = _torch_name(path, module_prefix)
-    for suffix, value in method.to_torch(adapter).items():
+    fields = _conv_order(adapter.view, method.to_torch(adapter), method.conv_fan_in_axes, True)
+    for suffix, value in fields.items():
       tensors[f"{_PREFIX}{name}.{suffix}"] = np.ascontiguousarray(value)
   if method.shared_to_torch is not None:
     for name, value in method.shared_to_torch([adapter for _, adapter in sites]).items():
@@ -493,7 +601,9 @@ def export_methods(sites, *, module_prefix: str, base_model_name_or_path: str | 
                 base_model_name_or_path=base_model_name_or_path,
                 target_modules=sorted(_torch_name(p, module_prefix) for p, _ in sites),
                 modules_to_save=None, layers_to_transform=None, layers_pattern=None,
-                inference_mode=True, **method.config(sites[0][1].spec, [adapter for _, adapter in sites]))
+                inference_mode=True,
+                **method.config(sites[0][1].spec,
+                                {_torch_name(p, module_prefix): a for p, a in sites}))
   return config, tensors
 
 
@@ -525,23 +635,26 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
   except (ValueError, KeyError) as e:
     raise PeftFormatError(f"PEFT {method.peft_type} config is not supported here: {e!r}") from None
   modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
-  built = []
-  for path, fields in sorted(sites.items()):
-    name = _torch_name(path, module_prefix)
+  names = {path: _torch_name(path, module_prefix) for path in sites}
+  probes = {}  # throwaway adapters on copies of the layers give the expected tensor shapes
+  for path in sorted(sites):
     module = modules.get(path)
     if module is None:
-      raise PeftFormatError(f"The adapter targets '{name}', which is not a module of the model "
-                            f"(our path '{path}').")
-    _check_linear(path, layers.view_of(module, path), method.peft_type)
-    try:  # a throwaway adapter on a copy of the layer gives the expected tensor shapes
-      probe = spec.build(nnx.clone(module), rngs=nnx.Rngs(0), path=path)
+      raise PeftFormatError(f"The adapter targets '{names[path]}', which is not a module of the "
+                            f"model (our path '{path}').")
+    _check_layer(path, layers.view_of(module, path), method)
+    try:
+      probes[path] = spec.build(nnx.clone(module), rngs=nnx.Rngs(0), path=path)
     except ValueError as e:
       raise PeftFormatError(f"The {method.peft_type} adapter does not fit layer '{path}': {e}") from None
+  if method.layer_config is not None:
+    method.layer_config({names[p]: probe for p, probe in probes.items()}, config)
+  for path, probe in probes.items():
     expected = {suffix: v.shape for suffix, v in method.to_torch(probe).items()}
-    check_shapes(expected, fields, lambda suffix: f"{_PREFIX}{name}.{suffix}", f"layer '{path}'")
-    built.append(probe)
+    check_shapes(expected, sites[path], lambda suffix, p=path: f"{_PREFIX}{names[p]}.{suffix}",
+                 f"layer '{path}'")
   if method.shared_to_torch is not None:
-    expected = {n: v.shape for n, v in method.shared_to_torch(built).items()}
+    expected = {n: v.shape for n, v in method.shared_to_torch(list(probes.values())).items()}
     check_shapes(expected, shared, lambda n: _SHARED_PREFIX + n, "the adapted layers")
   elif shared:
     raise PeftFormatError(f"Unexpected tensors {sorted(_SHARED_PREFIX + n for n in shared)}.")
@@ -549,8 +662,11 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
   attach(model, [(re.escape(path), spec) for path in sorted(sites)],
          rngs=rngs if rngs is not None else nnx.Rngs(0))
   adapters = dict(adapter_sites(model))
+  if method.layer_config is not None:
+    method.layer_config({names[p]: adapters[p] for p in sites}, config)
   for path, fields in sites.items():
-    method.from_torch(adapters[path], fields)
+    adapter = adapters[path]
+    method.from_torch(adapter, _conv_order(adapter.view, fields, method.conv_fan_in_axes, False))
   if method.shared_from_torch is not None:
     method.shared_from_torch(adapters[min(sites)], shared)
   return model
