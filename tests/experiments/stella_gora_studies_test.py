@@ -43,3 +43,14 @@ def test_stella_config_uses_the_riemannian_optimizer():
   assert config.optimizer.name == "stella" and config.method == "stella"
   with pytest.raises(ValueError, match="no LoRA init"):
     teacher_student.get_config("method=stella,init=pissa")
+
+
+@pytest.mark.parametrize("name,default_steps", [("study_stella", 400), ("study_vit_init", 500)])
+def test_study_size_args_set_steps_and_seeds(name, default_steps):
+  module = importlib.import_module(f"configs.{name}")
+  sized = module.get_config("steps=100,seeds=2")
+  assert sized.seeds == (0, 1)
+  assert all(study.run_config(run, 0).steps == 100 for run in sized.runs)
+  assert all(study.run_config(run, 0).steps == default_steps for run in module.get_config().runs)
+  with pytest.raises(ValueError, match="seeds must be >= 1"):
+    module.get_config("seeds=0")
