@@ -25,15 +25,16 @@ def get_config(arg=None):
     raise ValueError(f"seeds must be >= 1, got {args['seeds']}.")
   rank = args["rank"]
   labels = list(pretrain_reparam.methods(rank, 16, 100))
-  overrides = {"steps": 2, "progress": False} if args["runlocal"] else {"steps": args["steps"]}
+  overrides = {"steps": 2, "progress": False} if args["runlocal"] else {}
+  shared = f"rank={rank}" + ("" if args["runlocal"] else f",steps={args['steps']}")
   galore = {"optimizer.name": "galore", "optimizer.kwargs": {"rank": rank}}
   config = ml_collections.ConfigDict()
   config.name = "study_reparam"
   config.seeds = (0,) if args["runlocal"] else tuple(range(args["seeds"]))
   config.runs = tuple(
-      dict(label=label, config="pretrain_reparam", arg=f"method={label},rank={rank}",
+      dict(label=label, config="pretrain_reparam", arg=f"method={label},{shared}",
            overrides=dict(overrides))
       for label in labels) + (
-      dict(label="galore", config="pretrain_reparam", arg=f"method=full,rank={rank}",
+      dict(label="galore", config="pretrain_reparam", arg=f"method=full,{shared}",
            overrides=dict(overrides, **galore)),)
   return config

@@ -26,7 +26,7 @@ def get_config(arg=None):
   if args["runlocal"]:
     quick = {"steps": 2, "progress": False}
   else:
-    quick = {"steps": args["steps"]} if args["steps"] else {}
+    quick = common.step_overrides(args["steps"]) if args["steps"] else {}
   base = "kind=low_rank,update_rank=4,rank=4"
   methods = [
       ("lora", f"method=lora,{base}"),

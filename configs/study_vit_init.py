@@ -24,7 +24,7 @@ def get_config(arg=None):
   if args["runlocal"]:
     quick = {"steps": 2, "progress": False}
   else:
-    quick = {"steps": args["steps"]} if args["steps"] else {}
+    quick = common.step_overrides(args["steps"]) if args["steps"] else {}
   base = f"method=full,pool=mean,train_examples={args['train_examples']}"
   config = ml_collections.ConfigDict()
   config.name = "study_vit_init"

@@ -10,7 +10,7 @@ and compares, for every site matched by ``config.targets``, the singular values 
 effective (fan_in, fan_out) weight: adapter sites through ``effective_matrix()``, densely
 trained layers through their kernel. Reported per run: the largest relative change of a
 singular value over all sites, ``max_i |s_i(trained) - s_i(init)| / s_1(init)``. The plot shows
-both spectra of the first site of each run.
+both spectra of the site of each run whose spectrum changed most.
 """
 
 from __future__ import annotations
@@ -68,10 +68,14 @@ def run_spectra(workdir: str) -> dict[str, dict[str, list[float]]]:
   return {path: {"init": sv(initial[path]), "trained": sv(trained[path])} for path in initial}
 
 
+def relative_change(spectrum: dict[str, list[float]]) -> float:
+  """max_i |s_i(trained) - s_i(init)| / s_1(init) of one site."""
+  return float(np.max(np.abs(np.subtract(spectrum["trained"], spectrum["init"]))) / spectrum["init"][0])
+
+
 def max_relative_change(spectra: dict[str, dict[str, list[float]]]) -> float:
-  """max over sites and i of |s_i(trained) - s_i(init)| / s_1(init)."""
-  return max(float(np.max(np.abs(np.subtract(s["trained"], s["init"]))) / s["init"][0])
-             for s in spectra.values())
+  """The largest `relative_change` over the sites."""
+  return max(relative_change(s) for s in spectra.values())
 
 
 def main(argv):
@@ -92,7 +96,7 @@ def main(argv):
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 2.8), squeeze=False)
     for ax, (workdir, result) in zip(axes[0], results.items()):
-      path, spectrum = next(iter(result["sites"].items()))
+      path, spectrum = max(result["sites"].items(), key=lambda item: relative_change(item[1]))
       ax.plot(spectrum["init"], label="init")
       ax.plot(spectrum["trained"], "--", label="trained")
       ax.set_title(f"{os.path.basename(os.path.dirname(workdir.rstrip('/')))}\n{path}", fontsize=8)

@@ -50,7 +50,9 @@ def test_study_size_args_set_steps_and_seeds(name, default_steps):
   module = importlib.import_module(f"configs.{name}")
   sized = module.get_config("steps=100,seeds=2")
   assert sized.seeds == (0, 1)
-  assert all(study.run_config(run, 0).steps == 100 for run in sized.runs)
+  for run in sized.runs:
+    config = study.run_config(run, 0)
+    assert (config.steps, config.eval_every, config.log_every) == (100, 20, 2)
   assert all(study.run_config(run, 0).steps == default_steps for run in module.get_config().runs)
   with pytest.raises(ValueError, match="seeds must be >= 1"):
     module.get_config("seeds=0")

@@ -31,7 +31,9 @@ def test_study_runlocal_runs_two_steps_per_method(tmp_path):
 def test_study_sizes_and_galore_run():
   study = study_reparam.get_config("steps=300,seeds=3,rank=8")
   assert study.seeds == (0, 1, 2)
-  assert all(run["overrides"]["steps"] == 300 for run in study.runs)
+  for run in study.runs:
+    config = study_lib.run_config(run, 0)
+    assert (config.steps, config.eval_every, config.log_every) == (300, 60, 6)
   galore = study.runs[-1]
   assert galore["label"] == "galore" and galore["overrides"]["optimizer.name"] == "galore"
   assert galore["overrides"]["optimizer.kwargs"] == {"rank": 8}
