@@ -56,3 +56,11 @@ def test_study_size_args_set_steps_and_seeds(name, default_steps):
   assert all(study.run_config(run, 0).steps == default_steps for run in module.get_config().runs)
   with pytest.raises(ValueError, match="seeds must be >= 1"):
     module.get_config("seeds=0")
+
+
+def test_gora_lm_study_pretrain_steps_arg():
+  sized = study.run_config(importlib.import_module("configs.study_gora").get_config(
+      "task=lm,pretrain_steps=1000").pretrain, 0)
+  assert (sized.steps, sized.eval_every) == (1000, 200)
+  default = importlib.import_module("configs.study_gora").get_config("task=lm")
+  assert study.run_config(default.pretrain, 0).steps == 2000
