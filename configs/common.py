@@ -44,6 +44,13 @@ def training_fields(config: ml_collections.ConfigDict, *, steps: int, batch_size
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
 
+def step_overrides(steps: int) -> dict:
+  """Study overrides that change ``steps`` and scale the logging, eval and checkpoint periods
+  with it as `training_fields` does."""
+  return {"steps": steps, "log_every": max(1, steps // 50), "eval_every": max(1, steps // 5),
+          "checkpoint_every": max(1, steps // 5)}
+
+
 def adapter_fields(config: ml_collections.ConfigDict, method: str, targets: list[str],
                    **hyperparams) -> None:
   """``method`` ('full' or an adapter registry name), its hyperparameters and target regexes."""

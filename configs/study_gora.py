@@ -9,14 +9,15 @@ allocation alone and the GoRA init alone. task=lm: a tiny GPT pretrained on Engl
 adapted to Python code (configs/finetune_lm.py, rank 8 on every projection), LoRA vs GoRA.
 Three seeds.
 
-arg keys: task (layer_ranks, lm), runlocal (2 steps per run and one seed, for tests).
+arg keys: task (layer_ranks, lm), pretrain_steps (task=lm: steps of the pretraining run),
+runlocal (2 steps per run and one seed, for tests).
 """
 
 import ml_collections
 
 from configs import common
 
-DEFAULTS = dict(task="layer_ranks", runlocal=False)
+DEFAULTS = dict(task="layer_ranks", pretrain_steps=2000, runlocal=False)
 
 
 def get_config(arg=None):
@@ -37,7 +38,7 @@ def get_config(arg=None):
   elif args["task"] == "lm":
     methods = [("lora", "method=lora,rank=8"), ("gora", "method=lora,rank=8,init=gora,allocate=true")]
     config.pretrain = dict(label="pretrain", config="pretrain_lm", arg="method=full",
-                           overrides=quick or {"steps": 2000})
+                           overrides=quick or common.step_overrides(args["pretrain_steps"]))
     config.runs = tuple(dict(label=label, config="finetune_lm", arg=a, overrides=dict(quick))
                         for label, a in methods)
   else:

@@ -3,9 +3,12 @@
     python -m experiments.study --config=configs/study_reparam.py
 
 Methods: every entry of configs/pretrain_reparam.methods (AdamW full rank, POET full and
-block-stochastic, SLTrain, LOST, SST, ReLoRA, SwitchLoRA), on the embedded English text, 2 seeds.
+block-stochastic, SLTrain, LOST, SST, ReLoRA, SwitchLoRA), plus GaLore (full-rank weights,
+AdamW state projected to rank ``rank``), on the embedded English text. Every run shares the
+learning rate (3e-3, cosine), the batches and the number of steps.
 
-arg keys: runlocal (2 steps per run, for tests), steps.
+arg keys: runlocal (2 steps per run, for tests), steps, seeds (how many: seeds 0..seeds-1),
+rank (of the low-rank methods and of GaLore's projector).
 """
 
 import ml_collections
@@ -13,18 +16,25 @@ import ml_collections
 from configs import common
 from configs import pretrain_reparam
 
-DEFAULTS = dict(runlocal=False, steps=1000)
+DEFAULTS = dict(runlocal=False, steps=1000, seeds=2, rank=16)
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, DEFAULTS)
-  labels = list(pretrain_reparam.methods(16, 16, 100))
-  overrides = {"steps": 2, "progress": False} if args["runlocal"] else {"steps": args["steps"]}
+  if args["seeds"] < 1:
+    raise ValueError(f"seeds must be >= 1, got {args['seeds']}.")
+  rank = args["rank"]
+  labels = list(pretrain_reparam.methods(rank, 16, 100))
+  overrides = {"steps": 2, "progress": False} if args["runlocal"] else {}
+  shared = f"rank={rank}" + ("" if args["runlocal"] else f",steps={args['steps']}")
+  galore = {"optimizer.name": "galore", "optimizer.kwargs": {"rank": rank}}
   config = ml_collections.ConfigDict()
   config.name = "study_reparam"
-  config.seeds = (0,) if args["runlocal"] else (0, 1)
+  config.seeds = (0,) if args["runlocal"] else tuple(range(args["seeds"]))
   config.runs = tuple(
-      dict(label=label, config="pretrain_reparam", arg=f"method={label}",
+      dict(label=label, config="pretrain_reparam", arg=f"method={label},{shared}",
            overrides=dict(overrides))
-      for label in labels)
+      for label in labels) + (
+      dict(label="galore", config="pretrain_reparam", arg=f"method=full,{shared}",
+           overrides=dict(overrides, **galore)),)
   return config

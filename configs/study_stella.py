@@ -7,19 +7,26 @@ LoRA and PiSSA train with Adam, StelLA with `stiefel(AdamW)` (U, V kept orthonor
 learning rates 3e-3, 1e-2 and 3e-2 (the best rate differs between methods). Three seeds;
 final validation MSE and loss curves. About 20 s per run on 2 CPU cores.
 
-arg keys: runlocal (2 steps per run and one seed, for tests).
+arg keys: steps (0: the config's 400), seeds (how many: seeds 0..seeds-1), runlocal (2 steps
+per run and one seed, for tests).
 """
 
 import ml_collections
 
 from configs import common
 
-DEFAULTS = dict(runlocal=False)
+DEFAULTS = dict(steps=0, seeds=3, runlocal=False)
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, DEFAULTS)
-  quick = {"steps": 2, "progress": False} if args["runlocal"] else {}
+  if args["seeds"] < 1 or args["steps"] < 0:
+    raise ValueError(f"seeds must be >= 1 and steps >= 0, got seeds={args['seeds']}, "
+                     f"steps={args['steps']}.")
+  if args["runlocal"]:
+    quick = {"steps": 2, "progress": False}
+  else:
+    quick = common.step_overrides(args["steps"]) if args["steps"] else {}
   base = "kind=low_rank,update_rank=4,rank=4"
   methods = [
       ("lora", f"method=lora,{base}"),
@@ -28,7 +35,7 @@ def get_config(arg=None):
   ]
   config = ml_collections.ConfigDict()
   config.name = "study_stella"
-  config.seeds = (0,) if args["runlocal"] else (0, 1, 2)
+  config.seeds = (0,) if args["runlocal"] else tuple(range(args["seeds"]))
   config.runs = tuple(dict(label=f"{label}_lr{lr:g}", config="teacher_student", arg=arg_string,
                            overrides={"optimizer.learning_rate": lr, **quick})
                       for label, arg_string in methods for lr in (3e-3, 1e-2, 3e-2))

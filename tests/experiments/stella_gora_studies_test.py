@@ -43,3 +43,24 @@ def test_stella_config_uses_the_riemannian_optimizer():
   assert config.optimizer.name == "stella" and config.method == "stella"
   with pytest.raises(ValueError, match="no LoRA init"):
     teacher_student.get_config("method=stella,init=pissa")
+
+
+@pytest.mark.parametrize("name,default_steps", [("study_stella", 400), ("study_vit_init", 500)])
+def test_study_size_args_set_steps_and_seeds(name, default_steps):
+  module = importlib.import_module(f"configs.{name}")
+  sized = module.get_config("steps=100,seeds=2")
+  assert sized.seeds == (0, 1)
+  for run in sized.runs:
+    config = study.run_config(run, 0)
+    assert (config.steps, config.eval_every, config.log_every) == (100, 20, 2)
+  assert all(study.run_config(run, 0).steps == default_steps for run in module.get_config().runs)
+  with pytest.raises(ValueError, match="seeds must be >= 1"):
+    module.get_config("seeds=0")
+
+
+def test_gora_lm_study_pretrain_steps_arg():
+  sized = study.run_config(importlib.import_module("configs.study_gora").get_config(
+      "task=lm,pretrain_steps=1000").pretrain, 0)
+  assert (sized.steps, sized.eval_every) == (1000, 200)
+  default = importlib.import_module("configs.study_gora").get_config("task=lm")
+  assert study.run_config(default.pretrain, 0).steps == 2000

@@ -16,13 +16,31 @@ def test_study_runlocal_runs_two_steps_per_method(tmp_path):
   study = study_reparam.get_config("runlocal=true")
   rows = study_lib.run_study(study, str(tmp_path))
   labels = [r["label"] for r in rows]
-  assert labels == list(pretrain_reparam.methods(16, 16, 100))
+  assert labels == list(pretrain_reparam.methods(16, 16, 100)) + ["galore"]
   assert {"full", "poet", "poet_block", "sltrain", "lost", "relora", "switchlora"} <= set(labels)
   for row in rows:
     assert np.isfinite(row["val_loss"]) and row["trainable_params"] > 0
   full = next(r for r in rows if r["label"] == "full")
   block = next(r for r in rows if r["label"] == "poet_block")
   assert block["trainable_params"] < full["trainable_params"]
+  galore = next(r for r in rows if r["label"] == "galore")
+  assert galore["trainable_params"] == full["trainable_params"]
+  assert galore["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+
+
+def test_study_sizes_and_galore_run():
+  study = study_reparam.get_config("steps=300,seeds=3,rank=8")
+  assert study.seeds == (0, 1, 2)
+  for run in study.runs:
+    config = study_lib.run_config(run, 0)
+    assert (config.steps, config.eval_every, config.log_every) == (300, 60, 6)
+  galore = study.runs[-1]
+  assert galore["label"] == "galore" and galore["overrides"]["optimizer.name"] == "galore"
+  assert galore["overrides"]["optimizer.kwargs"] == {"rank": 8}
+  config = study_lib.run_config(galore, 0)
+  assert config.method == "full" and config.optimizer.kwargs.rank == 8
+  with pytest.raises(ValueError, match="seeds must be >= 1"):
+    study_reparam.get_config("seeds=0")
 
 
 def _config(method, steps, event_every):
