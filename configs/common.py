@@ -40,7 +40,7 @@ def training_fields(config: ml_collections.ConfigDict, *, steps: int, batch_size
   config.progress = True
   config.optimizer = ml_collections.ConfigDict(dict(
       name=optimizer, learning_rate=learning_rate, warmup_steps=0, schedule="constant",
-      clip_norm=0.0, kwargs=ml_collections.ConfigDict()))
+      restart_every=0, restart_warmup_steps=0, clip_norm=0.0, kwargs=ml_collections.ConfigDict()))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
 

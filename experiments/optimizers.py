@@ -28,7 +28,17 @@ def lookup(name: str):
 
 
 def schedule(config) -> optax.Schedule:
-  """Linear warmup to ``learning_rate`` then ``constant`` or ``cosine`` decay to 0."""
+  """Linear warmup to ``learning_rate`` then ``constant`` or ``cosine`` decay to 0, re-warmed up
+  after every restart when ``restart_every > 0`` (ReLoRA's jagged schedule)."""
+  o = config.optimizer
+  base = _base_schedule(config)
+  if not o.get("restart_every", 0):
+    return base
+  from lowrank_jax.reparam import relora  # pylint: disable=g-import-not-at-top
+  return relora.jagged_schedule(base, o.restart_every, o.restart_warmup_steps)
+
+
+def _base_schedule(config) -> optax.Schedule:
   o = config.optimizer
   warmup = min(o.warmup_steps, config.steps)
   if o.schedule == "constant":

@@ -11,9 +11,11 @@ optimizer: in every optimizer-state leaf of A and B (Adam's moments) the
 ``prune_fraction`` smallest-magnitude entries are zeroed (the paper prunes
 99%). A sum of rank-r updates reaches rank beyond r.
 
-Not implemented here: the paper's jagged cosine schedule (a short learning
-rate re-warm-up after each restart; use the loop's own schedule) and its
-full-rank warm start (train with method 'full' first and pass ``init_from``).
+The paper's jagged schedule, a short linear learning-rate re-warm-up after
+each restart on top of the base schedule, is `jagged_schedule` (the training
+configs' ``optimizer.restart_every`` / ``restart_warmup_steps``). Not
+implemented here: its full-rank warm start (train with method 'full' first and
+pass ``init_from``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from lowrank_jax.adapters import base as adapter_base
 from lowrank_jax.adapters import init as lora_init
@@ -82,3 +85,26 @@ class ReLoRARestart(events.Periodic):
         opt_state = events.prune_param_state(opt_state, path + (leaf,), getattr(layer, leaf).shape,
                                              self.prune_fraction)
     return model, opt_state
+
+
+def jagged_schedule(schedule: optax.Schedule, every: int, warmup_steps: int) -> optax.Schedule:
+  """``schedule`` times a linear re-warm-up after every restart (ReLoRA's jagged schedule).
+
+  Restarts run after updates every, 2 every, ... (`ReLoRARestart`), so update
+  ``t >= every`` (0-based optax count) is ``p = t mod every`` updates past the
+  last restart and gets ``schedule(t) * min(1, (p + 1) / warmup_steps)``;
+  updates before the first restart get ``schedule(t)`` unchanged.
+  """
+  for name, value in (("every", every), ("warmup_steps", warmup_steps)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"jagged_schedule: {name} must be an integer >= 1, got {value!r}.")
+  if warmup_steps > every:
+    raise ValueError(f"jagged_schedule: warmup_steps={warmup_steps} exceeds the restart period "
+                     f"every={every}.")
+
+  def jagged(count):
+    past_restart = jnp.mod(count, every)
+    ramp = jnp.minimum(1.0, (past_restart + 1) / warmup_steps)
+    return schedule(count) * jnp.where(count >= every, ramp, 1.0)
+
+  return jagged

@@ -134,3 +134,36 @@ def test_bad_event_arguments():
     switchlora.SwitchLoRASwitch(count=0)
   with pytest.raises(ValueError, match="Unknown arguments \\['period'\\].*accepted"):
     events.build("relora_restart", period=3)
+
+
+def test_jagged_schedule_rewarms_after_each_restart():
+  base = optax.linear_schedule(1.0, 0.5, 100)
+  jagged = relora.jagged_schedule(base, every=10, warmup_steps=4)
+  counts = np.arange(30)
+  got = np.array([float(jagged(c)) for c in counts])
+  # Before the first restart (after update 10): the base schedule unchanged.
+  np.testing.assert_allclose(got[:10], [float(base(c)) for c in range(10)], rtol=1e-6)
+  # Update t >= 10 is p = t mod 10 updates past a restart: factor min(1, (p + 1) / 4).
+  for c in range(10, 30):
+    factor = min(1.0, (c % 10 + 1) / 4)
+    np.testing.assert_allclose(got[c], factor * float(base(c)), rtol=1e-6)
+  assert got[10] < got[9] and got[20] < got[19]  # the jag at each restart
+
+
+def test_jagged_schedule_and_config_errors():
+  with pytest.raises(ValueError, match="every must be an integer >= 1"):
+    relora.jagged_schedule(optax.constant_schedule(1.0), every=0, warmup_steps=1)
+  with pytest.raises(ValueError, match="exceeds the restart period"):
+    relora.jagged_schedule(optax.constant_schedule(1.0), every=5, warmup_steps=6)
+
+
+def test_relora_config_uses_the_jagged_schedule():
+  from configs import pretrain_reparam
+  from experiments import optimizers
+  config = pretrain_reparam.get_config("method=relora,event_every=20,steps=60")
+  assert config.optimizer.restart_every == 20 and config.optimizer.restart_warmup_steps == 2
+  lr, base = optimizers.schedule(config), optimizers._base_schedule(config)
+  np.testing.assert_allclose([float(lr(c)) for c in (19, 20, 21, 22)],
+                             [float(base(19)), float(base(20)) / 2, float(base(21)),
+                              float(base(22))], rtol=1e-6)
+  assert optimizers.schedule(pretrain_reparam.get_config("method=full")).__name__ != "jagged"

@@ -28,6 +28,13 @@ def test_study_runlocal_runs_two_steps_per_method(tmp_path):
   assert galore["optimizer_state_bytes"] < full["optimizer_state_bytes"]
 
 
+def test_study_only_selects_runs():
+  assert [r["label"] for r in study_reparam.get_config("only=relora+galore").runs] == [
+      "relora", "galore"]
+  with pytest.raises(ValueError, match="only: unknown labels \\['nope'\\]"):
+    study_reparam.get_config("only=nope")
+
+
 def test_study_sizes_and_galore_run():
   study = study_reparam.get_config("steps=300,seeds=3,rank=8")
   assert study.seeds == (0, 1, 2)
