@@ -10,6 +10,11 @@ import jax
 
 def median_seconds(calls, repeats: int) -> list[float]:
   """Median time of each ``(fn, args)``, timed in alternation so drift hits all alike."""
+  return [statistics.median(t) for t in alternating_seconds(calls, repeats)]
+
+
+def alternating_seconds(calls, repeats: int) -> list[list[float]]:
+  """The ``repeats`` times of each ``(fn, args)`` (after 2 warm-up calls), timed in alternation."""
   for fn, args in calls:  # compile and warm up
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
@@ -19,4 +24,4 @@ def median_seconds(calls, repeats: int) -> list[float]:
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[i].append(time.perf_counter() - start)
-  return [statistics.median(t) for t in times]
+  return times

@@ -67,8 +67,8 @@ class SelfAttention(nnx.Module):
   def __call__(self, x, mask):
     b, s, h = x.shape
     split = lambda t: t.reshape(b, s, self.heads, h // self.heads)
-    out = jax.nn.dot_product_attention(split(self.query(x)), split(self.key(x)),
-                                       split(self.value(x)), mask=mask)
+    out = layers.attention(split(self.query(x)), split(self.key(x)), split(self.value(x)),
+                           mask=mask)
     return out.reshape(b, s, h)
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lowrank_jax.models import layers
 from lowrank_jax.models.vit import ViTConfig
 
 
@@ -31,7 +32,7 @@ class Attention(nn.Module):
     q = split(nn.Dense(self.dim, name="query")(x))
     k = split(nn.Dense(self.dim, name="key")(x))
     v = split(nn.Dense(self.dim, name="value")(x))
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = layers.attention(q, k, v)
     return nn.Dense(self.dim, name="out")(out.reshape(batch, seq, -1))
 
 

@@ -36,6 +36,19 @@ def test_gpt_rejects_too_long_sequences():
     gpt.GPT(GPT_CONFIG, rngs=nnx.Rngs(0))(jnp.zeros((1, 17), jnp.int32))
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_equals_jax_dot_product_attention(is_causal):
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 9, 3, 8))
+  mask = jnp.asarray(np.random.default_rng(4).random((2, 1, 1, 9)) > 0.3).at[:, ..., 0].set(True)
+  ours = layers.attention(q, k, v, mask=mask, is_causal=is_causal)
+  reference = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+  np.testing.assert_allclose(ours, reference, atol=1e-6)
+  grad = lambda f: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, mask=mask, is_causal=is_causal))),
+                            argnums=(0, 1, 2))(q, k, v)
+  for g_ours, g_ref in zip(grad(layers.attention), grad(jax.nn.dot_product_attention)):
+    np.testing.assert_allclose(g_ours, g_ref, atol=1e-5)
+
+
 def test_rope_scores_depend_only_on_relative_position():
   key_q, key_k = jax.random.split(jax.random.key(2))
   q = jax.random.normal(key_q, (1, 1, 1, 8))
