@@ -35,6 +35,7 @@ def methods(rank: int, block_size: int, event_every: int) -> dict:
       "sst": ("sst", dict(rank=rank), (("sst_resample", dict(every=event_every)),)),
       "relora": ("relora", low_rank, (("relora_restart", dict(every=event_every)),)),
       "switchlora": ("switchlora", low_rank, (("switchlora_switch", dict(every=10, count=1)),)),
+      "noble": ("noble", dict(rank=rank), ()),
   }
 
 

@@ -3,7 +3,7 @@
     python -m experiments.study --config=configs/study_reparam.py
 
 Methods: every entry of configs/pretrain_reparam.methods (AdamW full rank, POET full and
-block-stochastic, SLTrain, LOST, SST, ReLoRA, SwitchLoRA), on the embedded English text, 2 seeds.
+block-stochastic, SLTrain, LOST, SST, ReLoRA, SwitchLoRA, NOBLE), on the embedded English text, 2 seeds.
 
 arg keys: runlocal (2 steps per run, for tests), steps.
 """
