@@ -34,7 +34,7 @@ _OUT = flags.DEFINE_string("out", None, "JSON output path (default benchmarks/re
 
 
 def specs(d: int) -> dict[str, lrj.AdapterSpec]:
-  """The reparameterizations timed at width d (ranks d/16, POET-BS blocks d/8)."""
+  """Reparameterizations timed at width d (ranks d/16, NOBLE d/32, POET-BS blocks d/8)."""
   rank, block = max(1, d // 16), max(2, d // 8)
   low_rank = dict(rank=rank, alpha=float(rank))
   return {
@@ -46,6 +46,7 @@ def specs(d: int) -> dict[str, lrj.AdapterSpec]:
       "relora": lrj.adapters.relora(**low_rank),
       "switchlora": lrj.adapters.switchlora(**low_rank),
       "weight_norm": lrj.adapters.weight_norm(),
+      "noble": lrj.adapters.noble(rank=max(1, d // 32)),
   }
 
 

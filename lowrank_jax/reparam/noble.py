@@ -229,7 +229,8 @@ def lr_multipliers(model: nnx.Module) -> dict[tuple, float]:
   """``{path to a NOBLE leaf: multiplier}`` for every NOBLE layer in ``model`` (see the module)."""
   table = {}
   for path, layer in events.modules_of_type(model, NOBLE):
-    for leaf, multiplier in layer.spec.lr_multipliers(layer.view.fan_in, layer.view.fan_out).items():
+    multipliers = layer.spec.lr_multipliers(layer.view.fan_in, layer.view.fan_out)
+    for leaf, multiplier in multipliers.items():
       if hasattr(layer, leaf):
         table[tuple(str(p) for p in path) + (leaf,)] = multiplier
   return table

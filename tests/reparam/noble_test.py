@@ -124,7 +124,8 @@ def test_zero_up_init_is_the_base_layer_and_default_is_a_small_branch():
 def test_gradients_reach_every_leaf_of_the_branch():
   model = Host(nnx.Linear(12, 10, rngs=nnx.Rngs(0)))
   lrj.attach(model, [("layer", lrj.adapters.noble(rank=4))], rngs=nnx.Rngs(1))
-  x, target = jax.random.normal(jax.random.key(2), (8, 12)), jax.random.normal(jax.random.key(3), (8, 10))
+  x = jax.random.normal(jax.random.key(2), (8, 12))
+  target = jax.random.normal(jax.random.key(3), (8, 10))
   grads = nnx.grad(lambda m: jnp.mean((m(x) - target) ** 2),
                    argnums=nnx.DiffState(0, lrj.AdapterParam))(model)
   names = sorted(_leaves(model.layer))
@@ -156,7 +157,8 @@ def test_optimizer_scales_each_leaf_by_the_official_multiplier():
   fan_in, fan_out, r, lr = 24, 16, 4, 1e-2
   model = Host(nnx.Linear(fan_in, fan_out, rngs=nnx.Rngs(0)))
   lrj.attach(model, [("layer", lrj.adapters.noble(rank=r))], rngs=nnx.Rngs(1))
-  x, target = jax.random.normal(jax.random.key(2), (8, fan_in)), jax.random.normal(jax.random.key(3), (8, fan_out))
+  x = jax.random.normal(jax.random.key(2), (8, fan_in))
+  target = jax.random.normal(jax.random.key(3), (8, fan_out))
   loss = lambda m: jnp.mean((m(x) - target) ** 2)
   grads = nnx.grad(loss, argnums=nnx.DiffState(0, lrj.AdapterParam))(model)
   before = _leaves(model.layer)
