@@ -1,6 +1,6 @@
 """Training-step time and memory of reparameterized layers against the trainable dense layer.
 
-    python -m benchmarks.reparam_step [--quick] [--tokens=4096] [--dims=1024,2048]
+    python -m benchmarks.reparam_step [--quick] [--tokens=4096] [--dims=1024,2048] [--methods=...]
 
 For each width d: the dense step computes y = x W and the gradients for x and W (pretraining
 trains W); each reparameterized layer's step computes its output and the gradients for x and for
@@ -31,10 +31,11 @@ _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per step (rows of x).")
 _DIMS = flags.DEFINE_list("dims", ["1024", "2048"], "Layer widths d (d x d kernels).")
 _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed repetitions (median reported).")
 _OUT = flags.DEFINE_string("out", None, "JSON output path (default benchmarks/results/...).")
+_METHODS = flags.DEFINE_list("methods", None, "Methods to time (default: all of specs()).")
 
 
 def specs(d: int) -> dict[str, lrj.AdapterSpec]:
-  """The reparameterizations timed at width d (ranks d/16, POET-BS blocks d/8)."""
+  """Reparameterizations timed at width d (ranks d/16, NOBLE d/32, POET-BS blocks d/8)."""
   rank, block = max(1, d // 16), max(2, d // 8)
   low_rank = dict(rank=rank, alpha=float(rank))
   return {
@@ -46,6 +47,7 @@ def specs(d: int) -> dict[str, lrj.AdapterSpec]:
       "relora": lrj.adapters.relora(**low_rank),
       "switchlora": lrj.adapters.switchlora(**low_rank),
       "weight_norm": lrj.adapters.weight_norm(),
+      "noble": lrj.adapters.noble(rank=max(1, d // 32)),
   }
 
 
@@ -91,7 +93,13 @@ def main(argv):
     dense_step, dense_params = step_fn(_layer(d), nnx.Param)
     dense_args = (dense_params, x, cotangent)
     dense_temp = temp_bytes(dense_step, *dense_args)
-    for method, spec in specs(d).items():
+    table = specs(d)
+    unknown = sorted(set(_METHODS.value or ()) - set(table))
+    if unknown:
+      raise ValueError(f"--methods: unknown {unknown}; known: {sorted(table)}.")
+    for method, spec in table.items():
+      if _METHODS.value and method not in _METHODS.value:
+        continue
       step, trained = step_fn(_layer(d, spec), lrj.AdapterParam)
       args = (trained, x, cotangent)
       dense_s, seconds = median_seconds([(dense_step, dense_args), (step, args)], repeats)

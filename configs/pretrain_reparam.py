@@ -34,7 +34,9 @@ def methods(rank: int, block_size: int, event_every: int) -> dict:
       "lost": ("lost", dict(low_rank, sparsity=0.1), ()),
       "sst": ("sst", dict(rank=rank), (("sst_resample", dict(every=event_every)),)),
       "relora": ("relora", low_rank, (("relora_restart", dict(every=event_every)),)),
-      "switchlora": ("switchlora", low_rank, (("switchlora_switch", dict(every=10, count=1)),)),
+      "switchlora": ("switchlora", dict(rank=rank, alpha=1.0),
+                     (("switchlora_switch", dict(every=10, interval=40.0)),)),
+      "noble": ("noble", dict(rank=rank), ()),
   }
 
 

@@ -3,9 +3,9 @@
     python -m experiments.study --config=configs/study_reparam.py
 
 Methods: every entry of configs/pretrain_reparam.methods (AdamW full rank, POET full and
-block-stochastic, SLTrain, LOST, SST, ReLoRA, SwitchLoRA), plus GaLore (full-rank weights,
-AdamW state projected to rank ``rank``), on the embedded English text. Every run shares the
-learning rate (3e-3, cosine), the batches and the number of steps.
+block-stochastic, SLTrain, LOST, SST, ReLoRA, SwitchLoRA, NOBLE), plus GaLore (full-rank
+weights, AdamW state projected to rank ``rank``), on the embedded English text. Every run
+shares the learning rate (3e-3, cosine), the batches and the number of steps.
 
 arg keys: runlocal (2 steps per run, for tests), steps, seeds (how many: seeds 0..seeds-1),
 rank (of the low-rank methods and of GaLore's projector), only ('+'-separated labels to run,

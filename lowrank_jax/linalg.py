@@ -1,8 +1,9 @@
 """Dense linear algebra shared by adapters, reparameterizations and optimizers.
 
-Pure `jax.numpy`; nothing of lowrank_jax is imported here. Every routine
-accumulates in float32 (or the input dtype if wider) and returns arrays in that
-accumulation dtype; callers cast back to their parameter dtype.
+`jax.numpy` (numpy only for static index tables); nothing of lowrank_jax is
+imported here. Every routine accumulates in float32 (or the input dtype if
+wider) and returns arrays in that accumulation dtype; callers cast back to
+their parameter dtype.
 
 Conventions: a matrix ``w`` has shape (m, n). A truncated SVD returns
 ``(u, s, vt)`` with ``u`` (m, k), ``s`` (k,) descending, ``vt`` (k, n), so
@@ -11,11 +12,14 @@ Conventions: a matrix ``w`` has shape (m, n). A truncated SVD returns
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -193,9 +197,22 @@ def skew_from_vector(v: Array, n: int) -> Array:
   if v.shape[-1] != skew_size(n):
     raise ValueError(
         f"Expected {skew_size(n)} entries for a {n}x{n} skew matrix, got {v.shape[-1]}.")
-  rows, cols = jnp.triu_indices(n, k=1)
-  upper = jnp.zeros(v.shape[:-1] + (n, n), v.dtype).at[..., rows, cols].set(v)
-  return upper - jnp.swapaxes(upper, -1, -2)
+  # One gather from [0, v, -v] with a static index table, not a scatter into zeros: on XLA's
+  # CPU backend the gradient of the scatter form, followed by matrix products of Q, took minutes
+  # to compile and crashed for n = 1024.
+  table = _skew_gather_table(n)
+  source = jnp.concatenate([jnp.zeros(v.shape[:-1] + (1,), v.dtype), v, -v], axis=-1)
+  return jnp.take(source, table, axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _skew_gather_table(n: int) -> np.ndarray:
+  """(n, n) positions in ``[0, v, -v]``: 1 + k above the diagonal, 1 + K + k below, 0 on it."""
+  rows, cols = np.triu_indices(n, k=1)
+  table = np.zeros((n, n), np.int32)
+  table[rows, cols] = 1 + np.arange(rows.size)
+  table[cols, rows] = 1 + rows.size + np.arange(rows.size)
+  return table
 
 
 def skew_to_vector(q: Array) -> Array:

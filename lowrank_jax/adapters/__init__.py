@@ -107,3 +107,5 @@ mora = factory(MoRASpec)
 miss = factory(MiSSSpec)
 bat = factory(BatSpec)
 hut = factory(HUTSpec)
+from lowrank_jax.reparam.noble import NOBLESpec  # pylint: disable=g-bad-import-order
+noble = factory(NOBLESpec)

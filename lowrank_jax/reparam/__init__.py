@@ -10,3 +10,4 @@ from lowrank_jax.reparam import sst
 from lowrank_jax.reparam import weight_norm
 from lowrank_jax.reparam import monarch
 from lowrank_jax.reparam import scaling
+from lowrank_jax.reparam import noble

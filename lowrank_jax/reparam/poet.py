@@ -21,12 +21,16 @@ either exact ``(I + Q)(I - Q)^{-1}`` or the Cayley-Neumann series of order k,
 Merge-then-reinitialize (`POETMergeReinit`, every T steps): ``W0 <- R_in W0
 R_out``, Q <- 0, new permutations, and the optimizer moments of Q are zeroed.
 
-W0 initializations (``w0_init``): 'base' keeps the base layer's own init;
-'normalized_gaussian' draws a Gaussian and normalizes every neuron (output
-column) to unit norm; 'uniform_spectrum' is a random matrix with all singular
-values 1 (a random semi-orthogonal matrix). These follow the initialization
-comparison of the paper as recalled; the exact scaling was not checked against
-the paper's text.
+W0 initializations (``w0_init``), the first two as in the official code
+(github.com/Sphere-AI-Lab/poet, ``replace_linear_with_poet`` with
+``init_type``): 'normalized' takes the base layer's own init and scales every
+neuron (output column here, row of the official (out, in) weight) to unit
+norm (the official default); 'mup_normalized' then scales the whole matrix so
+that its spectral norm is ``mup_alpha * sqrt(fan_out / fan_in)``. Two more
+are ours, not in the official code: 'normalized_gaussian' draws a fresh
+Gaussian and normalizes its neurons ('normalized' on a Gaussian base init),
+and 'uniform_spectrum' is a random matrix with all singular values 1 (a
+random semi-orthogonal matrix). 'base' keeps the base init as it is.
 
 Differences from the official code (github.com/Sphere-AI-Lab/poet): the
 official CNP kernel truncates the expanded series ``I + 2(Q + ... + Q^k)``
@@ -55,7 +59,7 @@ from lowrank_jax.reparam import events
 Array = jax.Array
 
 PARAMETRIZATIONS = ("cayley_neumann", "cayley")
-W0_INITS = ("base", "normalized_gaussian", "uniform_spectrum")
+W0_INITS = ("base", "normalized", "mup_normalized", "normalized_gaussian", "uniform_spectrum")
 
 
 def block_layout(block_size: int | None, n: int, side: str, path: str) -> tuple[int, int]:
@@ -79,8 +83,19 @@ def orthogonal_blocks(q: Array, block: int, parametrization: str, order: int) ->
 
 def normalized_gaussian(key: Array, fan_in: int, fan_out: int) -> Array:
   """Gaussian (fan_in, fan_out) matrix with unit-norm columns (neurons)."""
-  w = jax.random.normal(key, (fan_in, fan_out), jnp.float32)
+  return normalize_neurons(jax.random.normal(key, (fan_in, fan_out), jnp.float32))
+
+
+def normalize_neurons(w: Array) -> Array:
+  """``w`` (fan_in, fan_out) with every output column scaled to unit L2 norm."""
   return w / linalg.column_norms(w)[None, :]
+
+
+def mup_normalized(w: Array, mup_alpha: float) -> Array:
+  """`normalize_neurons`, then spectral norm ``mup_alpha * sqrt(fan_out / fan_in)``."""
+  fan_in, fan_out = w.shape
+  w = normalize_neurons(w)
+  return w * (mup_alpha * (fan_out / fan_in) ** 0.5 / jnp.linalg.norm(w, ord=2))
 
 
 def uniform_spectrum(key: Array, fan_in: int, fan_out: int) -> Array:
@@ -98,7 +113,9 @@ class POETSpec(adapter_base.AdapterSpec):
       full variant (one fan_in x fan_in and one fan_out x fan_out factor).
     neumann_order: k >= 1, the order of the Cayley-Neumann series.
     parametrization: 'cayley_neumann' (CNP, no inverse) or 'cayley' (exact).
-    w0_init: 'base', 'normalized_gaussian' or 'uniform_spectrum' (see module).
+    w0_init: 'base', 'normalized', 'mup_normalized', 'normalized_gaussian' or
+      'uniform_spectrum' (see module).
+    mup_alpha: > 0, the spectral-norm factor of 'mup_normalized' (official default 1).
     param_dtype: dtype of the Q parameters; None uses the base kernel's.
   """
 
@@ -107,6 +124,7 @@ class POETSpec(adapter_base.AdapterSpec):
   neumann_order: int = 4
   parametrization: str = "cayley_neumann"
   w0_init: str = "base"
+  mup_alpha: float = 1.0
   param_dtype: object = None
 
   def __post_init__(self):
@@ -120,6 +138,8 @@ class POETSpec(adapter_base.AdapterSpec):
           f"poet: parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}.")
     if self.w0_init not in W0_INITS:
       raise ValueError(f"poet: w0_init must be one of {W0_INITS}, got {self.w0_init!r}.")
+    if not self.mup_alpha > 0:
+      raise ValueError(f"poet: mup_alpha must be > 0, got {self.mup_alpha!r}.")
 
   def build(self, base, *, rngs, calibration=None, path=""):
     del calibration
@@ -152,8 +172,7 @@ class POET(adapter_base.Adapter):
     super().__init__(base, spec, view, path)
     key_w0, key_perm = jax.random.split(rngs.params())
     if spec.w0_init != "base":
-      init = normalized_gaussian if spec.w0_init == "normalized_gaussian" else uniform_spectrum
-      w0 = init(key_w0, view.fan_in, view.fan_out)
+      w0 = self.initial_w0(key_w0, view.to_matrix(base.kernel[...]).astype(jnp.float32))
       base.kernel[...] = view.from_matrix(w0).astype(base.kernel.dtype)
     self.k_in, self.b_in = block_layout(spec.block_size, view.fan_in, "fan_in", path)
     self.k_out, self.b_out = block_layout(spec.block_size, view.fan_out, "fan_out", path)
@@ -164,6 +183,16 @@ class POET(adapter_base.Adapter):
     perm_in, perm_out = self.sample_permutations(key_perm)
     self.perm_in = adapter_base.AdapterBuffer(perm_in)
     self.perm_out = adapter_base.AdapterBuffer(perm_out)
+
+  def initial_w0(self, key: Array, w: Array) -> Array:
+    """W0 (fan_in, fan_out) from the base init ``w`` by ``spec.w0_init`` (not 'base')."""
+    init = self.spec.w0_init
+    if init == "normalized":
+      return normalize_neurons(w)
+    if init == "mup_normalized":
+      return mup_normalized(w, self.spec.mup_alpha)
+    make = normalized_gaussian if init == "normalized_gaussian" else uniform_spectrum
+    return make(key, *w.shape)
 
   def sample_permutations(self, key: Array) -> tuple[Array, Array]:
     """New random permutations (identity for the full variant)."""

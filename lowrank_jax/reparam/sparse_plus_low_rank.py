@@ -8,18 +8,25 @@ merging writes the factored weight into the base layer.
 
 * SLTrain: Han, Li, Mishra, Jawanpuria et al., "SLTrain: a sparse plus
   low-rank approach for parameter and memory efficient pretraining" (2024).
-  The support is a uniformly random set of ``round(sparsity * fan_in *
-  fan_out)`` entries, fixed for the whole run; A, B and the values are drawn
-  at random (A ~ U(+-1/sqrt(fan_in)), B ~ U(+-1/sqrt(r)), values ~
-  U(+-1/sqrt(fan_in)): kaiming-uniform bounds, our reading of the paper's
-  initialization, not checked against its code).
-* LOST: "LOST: Low-rank and Sparse Pre-training for Large Language Models"
-  (2025). From the base layer's (random) init W: ``s A B`` is its top-r SVD
-  part (``A = U_r sqrt(S_r / s)``, ``B = sqrt(S_r / s) V_r^T``) and S is the
-  complement ``W - U_r S_r V_r^T`` restricted to the ``round(sparsity *
-  fan_out)`` output channels (columns) where the complement has the largest
-  norm; the other channels of the complement are dropped. The channel
-  selection rule is our reading of "channel-sparse complement".
+  Initialization as in the official code (github.com/andyjm3/SLTrain,
+  splora/splora_linear.py): the support is ``floor(sparsity * fan_in *
+  fan_out)`` entries drawn uniformly without replacement, fixed for the whole
+  run, with values ~ U(+-1/sqrt(fan_in)); A ~ U(+-1/sqrt(fan_in)) (PyTorch's
+  kaiming-uniform with a = sqrt(5) on the (r, fan_in) factor) and B = 0, so the
+  weight starts as S alone. Differences: at least one support entry is kept
+  when the floor is 0; the bias stays the base layer's (frozen) bias, the
+  official layer trains a bias drawn from U(+-1/sqrt(fan_out)).
+* LOST: Li, Yin, Shen et al., "LOST: Low-rank and Sparse Pre-training for
+  Large Language Models" (2025). From the base layer's (random) init W: ``s A
+  B`` is its top-r SVD part (``A = U_r sqrt(S_r / s)``, ``B = sqrt(S_r / s)
+  V_r^T``) and S is the complement ``W_comp = W - U_r S_r V_r^T`` restricted to
+  the ``round(sparsity * fan_in)`` input channels (rows here; columns of the
+  paper's (out, in) weight, the paper's ``x[:, I] W_s^T``) where ``W_comp`` has
+  the largest L2 norm; the other channels of the complement are dropped. The
+  rule is the paper's as described in its public reviews; its official code
+  was not available to check. Not implemented: the paper's weighting
+  ``gamma`` between the low-rank and the sparse outputs and its nonlinearity
+  in the low-rank path (both are outside the linear ``W = s A B + S`` form).
 
 The forward forms the (fan_in, fan_out) kernel ``s A B + S`` and runs the base
 layer's contraction once (as SLTrain's reference implementation does); the
@@ -84,14 +91,14 @@ class SLTrainSpec(adapter_base.AdapterSpec):
     return (self.rank if self.alpha is None else self.alpha) / self.rank
 
   def nnz(self, fan_in: int, fan_out: int) -> int:
-    return max(1, round(self.sparsity * fan_in * fan_out))
+    return max(1, math.floor(self.sparsity * fan_in * fan_out))
 
   def initial_factors(self, key: Array, w0: Array):
     """(A, B, values, support) at init (float32, int32) for the base weight w0 (fan_in, fan_out)."""
     fan_in, fan_out = w0.shape
-    k_a, k_b, k_s, k_v = jax.random.split(key, 4)
+    k_a, k_s, k_v = jax.random.split(key, 3)
     a = jax.random.uniform(k_a, (fan_in, self.rank), jnp.float32, -1.0, 1.0) / math.sqrt(fan_in)
-    b = jax.random.uniform(k_b, (self.rank, fan_out), jnp.float32, -1.0, 1.0) / math.sqrt(self.rank)
+    b = jnp.zeros((self.rank, fan_out), jnp.float32)
     nnz = self.nnz(fan_in, fan_out)
     support = jnp.sort(jax.random.choice(k_s, fan_in * fan_out, (nnz,), replace=False))
     values = jax.random.uniform(k_v, (nnz,), jnp.float32, -1.0, 1.0) / math.sqrt(fan_in)
@@ -113,17 +120,17 @@ class SLTrainSpec(adapter_base.AdapterSpec):
 @adapter_base.register
 @dataclasses.dataclass(frozen=True)
 class LOSTSpec(SLTrainSpec):
-  """LOST hyperparameters: rank, alpha, and ``sparsity``, the share of output channels kept
+  """LOST hyperparameters: rank, alpha, and ``sparsity``, the share of input channels kept
   from the complement of the top-r SVD part, in (0, 1)."""
 
   name = "lost"
   sparsity: float = 0.25
 
-  def channels(self, fan_out: int) -> int:
-    return max(1, round(self.sparsity * fan_out))
+  def channels(self, fan_in: int) -> int:
+    return max(1, round(self.sparsity * fan_in))
 
   def nnz(self, fan_in: int, fan_out: int) -> int:
-    return fan_in * self.channels(fan_out)
+    return self.channels(fan_in) * fan_out
 
   def initial_factors(self, key: Array, w0: Array):
     del key
@@ -133,9 +140,9 @@ class LOSTSpec(SLTrainSpec):
     root = jnp.sqrt(s[:r] / self.scale)
     a, b = u[:, :r] * root[None, :], root[:, None] * vt[:r]
     complement = w0 - (u[:, :r] * s[:r]) @ vt[:r]
-    keep = jnp.sort(jnp.argsort(-linalg.column_norms(complement))[: self.channels(fan_out)])
-    support = (jnp.arange(fan_in)[:, None] * fan_out + keep[None, :]).reshape(-1)
-    return a, b, complement[:, keep].reshape(-1), support.astype(jnp.int32)
+    keep = jnp.sort(jnp.argsort(-linalg.column_norms(complement.T))[: self.channels(fan_in)])
+    support = (keep[:, None] * fan_out + jnp.arange(fan_out)[None, :]).reshape(-1)
+    return a, b, complement[keep].reshape(-1), support.astype(jnp.int32)
 
 
 class SparsePlusLowRank(adapter_base.Adapter):

@@ -159,6 +159,26 @@ def test_w0_inits():
   assert lrj.adapters.poet(block_size=4).num_params(16, 12) == (4 + 3) * 6
 
 
+def test_official_w0_inits_normalize_the_base_init():
+  # Official init_type='normalized': W / ||W||_row on the (out, in) weight, i.e. every output
+  # column of our (fan_in, fan_out) matrix to unit norm; 'mup_normalized' then rescales to
+  # spectral norm mup_alpha * sqrt(d_out / d_in).
+  reference = _model(lrj.adapters.poet()).layer
+  w_base = np.asarray(reference.view.to_matrix(reference.base.kernel[...]), np.float64)
+  normalized = w_base / np.linalg.norm(w_base, axis=0, keepdims=True)
+  layer = _model(lrj.adapters.poet(w0_init="normalized")).layer
+  np.testing.assert_allclose(layer.view.to_matrix(layer.base.kernel[...]), normalized, rtol=1e-5,
+                             atol=1e-6)
+  assert type(layer).identity_at_init is False
+  mup = _model(lrj.adapters.poet(w0_init="mup_normalized", mup_alpha=2.0)).layer
+  fan_in, fan_out = w_base.shape
+  expected = normalized * 2.0 * np.sqrt(fan_out / fan_in) / np.linalg.norm(normalized, ord=2)
+  np.testing.assert_allclose(mup.view.to_matrix(mup.base.kernel[...]), expected, rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="mup_alpha must be > 0"):
+    lrj.adapters.poet(mup_alpha=0.0)
+
+
 def test_bad_input():
   with pytest.raises(ValueError, match="poet at 'layer': block_size=5 does not divide fan_in=16"):
     _model(lrj.adapters.poet(block_size=5))

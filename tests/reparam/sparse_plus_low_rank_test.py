@@ -29,13 +29,15 @@ def _model(spec, fan_in=16, fan_out=12, seed=0):
 
 
 def test_sltrain_weight_is_low_rank_plus_random_sparse_support():
-  spec = lrj.adapters.sltrain(rank=3, alpha=6.0, sparsity=0.1)
+  spec = lrj.adapters.sltrain(rank=3, alpha=6.0, sparsity=0.13)
   model, _, bias = _model(spec)
   layer = model.layer
   a, b = np.asarray(layer.lora_a[...], np.float64), np.asarray(layer.lora_b[...], np.float64)
   support = np.asarray(layer.sparse_support[...])
   values = np.asarray(layer.sparse_values[...], np.float64)
-  assert support.size == round(0.1 * 16 * 12) == values.size and len(set(support)) == support.size
+  # Official: int(sp_ratio * m * n) entries (floor: 0.13 * 192 = 24.96 -> 24), drawn without
+  # replacement.
+  assert support.size == 24 == values.size and len(set(support)) == support.size
   dense_sparse = np.zeros(16 * 12)
   dense_sparse[support] = values
   expected = 2.0 * a @ b + dense_sparse.reshape(16, 12)
@@ -43,7 +45,21 @@ def test_sltrain_weight_is_low_rank_plus_random_sparse_support():
   np.testing.assert_array_equal(layer.base.kernel[...], 0.0)  # W0 replaced, not adapted
   x = np.asarray(jax.random.normal(jax.random.key(3), (4, 16)))
   np.testing.assert_allclose(model(jnp.asarray(x)), x @ expected + bias, rtol=1e-5, atol=1e-5)
-  assert np.linalg.matrix_rank(expected - dense_sparse.reshape(16, 12)) == 3
+
+
+def test_sltrain_initialization_follows_the_official_code():
+  fan_in, fan_out, rank = 256, 128, 16
+  model, _, _ = _model(lrj.adapters.sltrain(rank=rank, sparsity=0.03), fan_in, fan_out)
+  layer = model.layer
+  a = np.asarray(layer.lora_a[...], np.float64)
+  values = np.asarray(layer.sparse_values[...], np.float64)
+  bound = 1 / np.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)) on (r, fan_in) and U(+-1/sqrt(fan_in))
+  assert np.all(np.abs(a) <= bound) and np.all(np.abs(values) <= bound)
+  np.testing.assert_allclose(a.std(), bound / np.sqrt(3), rtol=0.05)
+  np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.1)
+  np.testing.assert_array_equal(layer.lora_b[...], 0.0)  # B = 0: the weight starts as S
+  assert values.size == int(0.03 * fan_in * fan_out)
+  np.testing.assert_allclose(layer.effective_matrix(), layer.sparse_matrix(), atol=0)
 
 
 def test_sltrain_support_stays_fixed_while_values_train():
@@ -73,12 +89,17 @@ def test_lost_weight_is_top_r_svd_plus_channel_sparse_complement():
   top = (u[:, :3] * s[:3]) @ vt[:3]
   np.testing.assert_allclose(layer.spec.scale * np.asarray(layer.lora_a[...], np.float64)
                              @ np.asarray(layer.lora_b[...], np.float64), top, atol=1e-5)
+  # Input channels (rows of our (fan_in, fan_out) matrix, columns of the paper's (out, in)
+  # weight) with the largest L2 norm of the complement: round(0.25 * 16) = 4 of them.
   complement = w - top
-  keep = np.sort(np.argsort(-np.linalg.norm(complement, axis=0))[:3])  # round(0.25 * 12) = 3
+  keep = np.sort(np.argsort(-np.linalg.norm(complement, axis=1))[:4])
   expected = top.copy()
-  expected[:, keep] += complement[:, keep]
+  expected[keep] += complement[keep]
   np.testing.assert_allclose(layer.effective_matrix(), expected, atol=1e-5)
-  assert layer.sparse_values[...].size == 16 * 3
+  assert layer.sparse_values[...].size == 4 * 12
+  untouched = np.setdiff1d(np.arange(16), keep)
+  np.testing.assert_allclose(np.asarray(layer.effective_matrix())[untouched], top[untouched],
+                             atol=1e-5)
   # Keeping every channel of the complement reproduces the original weight.
   full, w_full, _ = _model(lrj.adapters.lost(rank=3, sparsity=0.99))
   np.testing.assert_allclose(full.layer.effective_matrix(), w_full, atol=1e-5)
