@@ -161,9 +161,9 @@ def test_relora_config_uses_the_jagged_schedule():
   from configs import pretrain_reparam
   from experiments import optimizers
   config = pretrain_reparam.get_config("method=relora,event_every=20,steps=60")
-  assert config.optimizer.restart_every == 20 and config.optimizer.restart_warmup_steps == 2
+  assert config.optimizer.restart_every == 20 and config.optimizer.restart_warmup_steps == 10
   lr, base = optimizers.schedule(config), optimizers._base_schedule(config)
-  np.testing.assert_allclose([float(lr(c)) for c in (19, 20, 21, 22)],
-                             [float(base(19)), float(base(20)) / 2, float(base(21)),
-                              float(base(22))], rtol=1e-6)
+  np.testing.assert_allclose([float(lr(c)) for c in (19, 20, 21, 29, 30)],
+                             [float(base(19)), float(base(20)) / 10, float(base(21)) * 2 / 10,
+                              float(base(29)), float(base(30))], rtol=1e-6)
   assert optimizers.schedule(pretrain_reparam.get_config("method=full")).__name__ != "jagged"
