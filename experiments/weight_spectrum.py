@@ -22,7 +22,6 @@ import re
 from absl import app
 from absl import flags
 from absl import logging
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
