@@ -122,10 +122,6 @@ def _edit_config(path, edit):
   json.dump(config, open(path / "adapter_config.json", "w"))
 
 
-def _no_adapters(net):
-  return not any(isinstance(m, lrj.adapters.Adapter) for _, m in nnx.iter_graph(net))
-
-
 def test_bad_rank_patterns_are_refused_and_the_model_is_left_unchanged(tmp_path):
   _pruned_by_peft(tmp_path)
   pattern = json.load(open(tmp_path / "adapter_config.json"))["rank_pattern"]
@@ -135,7 +131,7 @@ def test_bad_rank_patterns_are_refused_and_the_model_is_left_unchanged(tmp_path)
     _, net = twin._twins()
     with pytest.raises(lrj_io.PeftFormatError, match=match):
       lrj_io.import_peft(str(tmp_path), net)
-    assert _no_adapters(net)
+    assert twin._no_adapters(net)
     _edit_config(tmp_path, lambda c: c.__setitem__("rank_pattern", dict(pattern)))
 
   _refused(lambda c: c["rank_pattern"].__setitem__("out.lora_E", [True] * (INIT_R - 1)),

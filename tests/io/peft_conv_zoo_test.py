@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,6 +23,8 @@ from lowrank_jax.attach import adapters as adapter_sites
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+
+import peft_parity_test as twin  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CHANNELS = (2, 4, 3)
 TARGETS = ["convs.0", "convs.1"]
@@ -73,14 +74,6 @@ def _torch_out(model, x):
     return model(torch.from_numpy(x.transpose(0, 3, 1, 2)).double()).numpy().transpose(0, 2, 3, 1)
 
 
-def _randomize(net, seed=2):
-  state = nnx.state(net, lrj.AdapterParam)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(net, jax.tree_util.tree_unflatten(
-      treedef, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
-
-
 def _prune(net):
   """Our allocator's masking step with a fixed pattern (one triplet of each layer pruned)."""
   pattern = {p: jnp.arange(a.core.shape[0]) != i for i, (p, a) in enumerate(adapter_sites(net))}
@@ -102,7 +95,7 @@ def test_export_on_conv_loads_in_peft_with_same_outputs_and_merge(method, hp, wi
                                                                   tmp_path):
   torch_net, net = _twins(windows)
   lrj.attach(net, [(r"convs/\d", lrj.adapters.get(method, **hp))], rngs=nnx.Rngs(5))
-  _randomize(net)
+  twin._randomize(net)
   if edit is not None:
     edit(net)
   x = _x()
@@ -132,11 +125,7 @@ def test_import_of_a_peft_conv_adapter_gives_peft_outputs(method, config, window
                                                           tmp_path):
   torch_net, net = _twins(windows, seed=3)
   model = peft.get_peft_model(torch_net, config()).double()
-  torch.manual_seed(4)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if trained in name:
-        p.add_(0.3 * torch.randn_like(p)).copy_(p.float().double())
+  twin._perturb_trained(model, trained)
   model.eval()
   x = _x(seed=5)
   expected = _torch_out(model, x)
@@ -166,17 +155,13 @@ def test_methods_without_an_exact_conv_mapping_are_refused_with_the_reason(metho
     lrj_io.export_peft(net, str(tmp_path))
 
 
-def _no_adapters(net):
-  return not any(isinstance(m, lrj.adapters.Adapter) for _, m in nnx.iter_graph(net))
-
-
 def test_peft_conv_files_we_cannot_map_are_refused_on_import(tmp_path):
   torch_net, net = _twins(((2, 2), (2, 2)))
   peft.get_peft_model(torch_net, peft.OFTConfig(r=0, oft_block_size=2, target_modules=TARGETS)
                       ).save_pretrained(str(tmp_path / "oft"))
   with pytest.raises(lrj_io.PeftFormatError, match="OFT format has no exact conv mapping"):
     lrj_io.import_peft(str(tmp_path / "oft"), net)
-  assert _no_adapters(net)
+  assert twin._no_adapters(net)
 
   torch_net, net = _twins()
   peft.get_peft_model(torch_net, peft.LoHaConfig(r=2, use_effective_conv2d=True,
@@ -184,7 +169,7 @@ def test_peft_conv_files_we_cannot_map_are_refused_on_import(tmp_path):
                       ).save_pretrained(str(tmp_path / "loha"))
   with pytest.raises(lrj_io.PeftFormatError, match="use_effective_conv2d=True \\(a CP decomposition"):
     lrj_io.import_peft(str(tmp_path / "loha"), net)
-  assert _no_adapters(net)
+  assert twin._no_adapters(net)
 
 
 def test_hra_on_a_non_square_window_is_refused(tmp_path):

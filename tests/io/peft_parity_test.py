@@ -112,6 +112,19 @@ def _randomize(net, seed=2):
       treedef, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
 
 
+def _perturb_trained(model, trained, seed=4):
+  """Move PEFT's parameters whose names contain ``trained`` off their init (float32 values)."""
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if trained in name:
+        p.add_(0.3 * torch.randn_like(p)).copy_(p.float().double())
+
+
+def _no_adapters(net):
+  return not any(isinstance(m, lrj.adapters.Adapter) for _, m in nnx.iter_graph(net))
+
+
 CASES = [
     ("lora", dict(rank=3, alpha=6.0)),
     ("lora", dict(rank=4, alpha=3.0, rslora=True)),
@@ -151,11 +164,7 @@ def test_import_of_a_peft_adapter_gives_peft_outputs(use_dora, tmp_path):
   torch_net, net = _twins(seed=3)
   config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=TARGETS, use_dora=use_dora)
   model = peft.get_peft_model(torch_net, config).double()
-  torch.manual_seed(4)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "lora_" in name:
-        p.add_(0.3 * torch.randn_like(p)).copy_(p.float().double())
+  _perturb_trained(model, "lora_")
   model.eval()
   x = _x(seed=5)
   expected = _torch_out(model, x)

@@ -119,11 +119,7 @@ def test_import_of_a_peft_adapter_gives_peft_outputs(method, config, trained, tm
   _boft_extension(monkeypatch)
   torch_net, net = twin._twins(seed=3)
   model = peft.get_peft_model(torch_net, config(twin.TARGETS)).double()
-  torch.manual_seed(4)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if trained in name:
-        p.add_(0.3 * torch.randn_like(p)).copy_(p.float().double())
+  twin._perturb_trained(model, trained)
   model.eval()
   x = twin._x(seed=5)
   expected = twin._torch_out(model, x)
@@ -196,10 +192,6 @@ def _edit_tensors(path, edit):
   safetensors_numpy.save_file(tensors, file)
 
 
-def _no_adapters(net):
-  return not any(isinstance(m, lrj.adapters.Adapter) for _, m in nnx.iter_graph(net))
-
-
 def test_a_file_for_another_base_names_key_and_shapes(tmp_path):
   path = _exported(tmp_path)
   key = "base_model.model.out.hada_w1_a"
@@ -208,7 +200,7 @@ def test_a_file_for_another_base_names_key_and_shapes(tmp_path):
   with pytest.raises(lrj_io.PeftFormatError,
                      match=rf"'{key}' has shape \(7, 2\) but the model wants \(6, 2\) for layer 'out\'"):
     lrj_io.import_peft(str(path), net)
-  assert _no_adapters(net)
+  assert twin._no_adapters(net)
 
 
 def test_vera_shared_projection_mismatch_and_missing_tensor(tmp_path):
@@ -217,14 +209,14 @@ def test_vera_shared_projection_mismatch_and_missing_tensor(tmp_path):
   _, net = twin._twins()
   with pytest.raises(lrj_io.PeftFormatError, match=r"'base_model.vera_A' has shape \(3, 13\).*wants \(3, 12\)"):
     lrj_io.import_peft(str(path), net)
-  assert _no_adapters(net)
+  assert twin._no_adapters(net)
 
   path = _exported(tmp_path / "lokr", "lokr", rank=1)
   _edit_tensors(path, lambda t: t.pop("base_model.model.layers.1.value.lokr_w2_a"))
   with pytest.raises(lrj_io.PeftFormatError,
                      match=r"lacks 'base_model.model.layers.1.value.lokr_w2_a'"):
     lrj_io.import_peft(str(path), net)
-  assert _no_adapters(net)
+  assert twin._no_adapters(net)
 
 
 def test_peft_options_we_do_not_implement_are_refused(tmp_path):
@@ -242,7 +234,7 @@ def test_peft_options_we_do_not_implement_are_refused(tmp_path):
   json.dump(config, open(path / "adapter_config.json", "w"))
   with pytest.raises(lrj_io.PeftFormatError, match="rank_pattern entry 'out': expected '<module>.lora_E'"):
     lrj_io.import_peft(str(path), net)
-  assert _no_adapters(net)
+  assert twin._no_adapters(net)
 
   path = _exported(tmp_path)
   config = json.load(open(path / "adapter_config.json"))
@@ -251,7 +243,7 @@ def test_peft_options_we_do_not_implement_are_refused(tmp_path):
   _, net = twin._twins()
   with pytest.raises(lrj_io.PeftFormatError, match=r"LOHA options \{'rank_dropout': 0.1\}"):
     lrj_io.import_peft(str(path), net)
-  assert _no_adapters(net)
+  assert twin._no_adapters(net)
 
 
 def test_export_refuses_mixed_methods_mixed_specs_and_inexpressible_options(tmp_path):

@@ -11,6 +11,8 @@ import lowrank_jax as lrj
 from lowrank_jax.optim import adaprelora
 from lowrank_jax.optim import registry
 
+from lora_optim_test import _problem  # the LoRA-pair regression problem shared by these tests
+
 N, M, R = 6, 5, 2  # fan_in, fan_out, rank of the tiny brute-force problems
 
 
@@ -131,22 +133,6 @@ def test_state_is_order_fan_in_plus_fan_out():
     counted = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     assert counted == registry.entry("adaprelora").state_bytes(params, momentum=momentum)
   assert registry.entry("adaprelora").state_bytes(params) == 4 + 4 * (n + m)
-
-
-def _problem(seed=0):
-  k = jax.random.split(jax.random.key(seed), 6)
-  x = jax.random.normal(k[0], (40, 12))
-  w0 = jax.random.normal(k[1], (12, 10)) / 4
-  y = x @ (w0 + jax.random.normal(k[2], (12, 3)) @ jax.random.normal(k[3], (3, 10)) / 3)
-  params = {"site": {"lora_a": jax.random.normal(k[4], (12, 4)) / 2,
-                     "lora_b": jax.random.normal(k[5], (4, 10)) / 2},
-            "head": jnp.ones((3,))}
-
-  def loss(p):
-    w = w0 + 2.0 * p["site"]["lora_a"] @ p["site"]["lora_b"]
-    return 0.5 * jnp.mean((x @ w - y) ** 2) + jnp.sum((p["head"] - 2.0) ** 2)
-
-  return params, loss
 
 
 def _run(tx, params, loss, steps):
