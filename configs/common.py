@@ -51,6 +51,20 @@ def step_overrides(steps: int) -> dict:
           "checkpoint_every": max(1, steps // 5)}
 
 
+def study_sizes(args: dict) -> tuple[tuple[int, ...], dict]:
+  """Seeds and run overrides from a study's ``steps``, ``seeds`` and ``runlocal`` args.
+
+  runlocal: seed 0, 2 steps, no progress bar. Otherwise seeds 0..seeds-1 and, when
+  steps > 0, `step_overrides` (steps = 0 keeps each run config's own steps).
+  """
+  if args["seeds"] < 1 or args["steps"] < 0:
+    raise ValueError(f"seeds must be >= 1 and steps >= 0, got seeds={args['seeds']}, "
+                     f"steps={args['steps']}.")
+  if args["runlocal"]:
+    return (0,), {"steps": 2, "progress": False}
+  return tuple(range(args["seeds"])), step_overrides(args["steps"]) if args["steps"] else {}
+
+
 def adapter_fields(config: ml_collections.ConfigDict, method: str, targets: list[str],
                    **hyperparams) -> None:
   """``method`` ('full' or an adapter registry name), its hyperparameters and target regexes."""

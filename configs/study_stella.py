@@ -20,13 +20,7 @@ DEFAULTS = dict(steps=0, seeds=3, runlocal=False)
 
 def get_config(arg=None):
   args = common.parse_arg(arg, DEFAULTS)
-  if args["seeds"] < 1 or args["steps"] < 0:
-    raise ValueError(f"seeds must be >= 1 and steps >= 0, got seeds={args['seeds']}, "
-                     f"steps={args['steps']}.")
-  if args["runlocal"]:
-    quick = {"steps": 2, "progress": False}
-  else:
-    quick = common.step_overrides(args["steps"]) if args["steps"] else {}
+  seeds, quick = common.study_sizes(args)
   base = "kind=low_rank,update_rank=4,rank=4"
   methods = [
       ("lora", f"method=lora,{base}"),
@@ -35,7 +29,7 @@ def get_config(arg=None):
   ]
   config = ml_collections.ConfigDict()
   config.name = "study_stella"
-  config.seeds = (0,) if args["runlocal"] else tuple(range(args["seeds"]))
+  config.seeds = seeds
   config.runs = tuple(dict(label=f"{label}_lr{lr:g}", config="teacher_student", arg=arg_string,
                            overrides={"optimizer.learning_rate": lr, **quick})
                       for label, arg_string in methods for lr in (3e-3, 1e-2, 3e-2))
