@@ -58,11 +58,6 @@ def _check_rank(name: str, rank) -> None:
     raise ValueError(f"{name}: rank must be a positive integer, got {rank!r}.")
 
 
-def _check_rank_fits(name: str, rank: int, limit: int, what: str, path: str) -> None:
-  if rank > limit:
-    raise ValueError(f"{name} at '{path}': rank={rank} exceeds {what} = {limit}.")
-
-
 # -- AdapterTune ----------------------------------------------------------------
 @adapter_base.register
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +84,7 @@ class AdapterTuneSpec(adapter_base.AdapterSpec):
   def build(self, base, *, rngs, calibration=None, path=""):
     del calibration
     view = layers.view_of(base, path)
-    _check_rank_fits(self.name, self.rank, view.fan_out, "fan_out", path)
+    layers.check_rank_fits(self.name, path, self.rank, view.fan_out, "fan_out")
     return AdapterTune(base, self, view, path, rngs=rngs)
 
   def num_params(self, fan_in: int, fan_out: int) -> int:
@@ -173,8 +168,7 @@ class MAPSpec(adapter_base.AdapterSpec):
   def build(self, base, *, rngs, calibration=None, path=""):
     del calibration
     view = layers.view_of(base, path)
-    _check_rank_fits(self.name, self.rank, min(view.fan_in, view.fan_out),
-                     f"min(fan_in, fan_out) = min({view.fan_in}, {view.fan_out})", path)
+    layers.check_rank_fits_layer(self.name, path, self.rank, view)
     return MAP(base, self, view, path, rngs=rngs)
 
   def num_params(self, fan_in: int, fan_out: int) -> int:

@@ -263,3 +263,17 @@ def view_of(module: Any, path: str = "") -> LayerView:
 
 
 SUPPORTED_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
+
+
+def check_rank_fits(method: str, path: str, rank: int, limit: int, what: str,
+                    why: str = "") -> None:
+  """Raise unless ``rank <= limit``; the error names the method, the layer path and the bound."""
+  if rank > limit:
+    raise ValueError(f"{method} at '{path}': rank={rank} exceeds {what} = {limit}{why}.")
+
+
+def check_rank_fits_layer(method: str, path: str, rank: int, view: LayerView,
+                          why: str = "") -> None:
+  """`check_rank_fits` against ``min(fan_in, fan_out)`` of ``view``."""
+  check_rank_fits(method, path, rank, min(view.fan_in, view.fan_out),
+                  f"min(fan_in, fan_out) = min({view.fan_in}, {view.fan_out})", why)

@@ -111,11 +111,8 @@ class StellaSpec(adapter_base.AdapterSpec):
   def build(self, base, *, rngs, calibration=None, path=""):
     del calibration
     view = layers.view_of(base, path)
-    limit = min(view.fan_in, view.fan_out)
-    if self.rank > limit:
-      raise ValueError(
-          f"stella at '{path}': rank={self.rank} exceeds min(fan_in, fan_out) = "
-          f"min({view.fan_in}, {view.fan_out}) = {limit}; U and V need orthonormal columns.")
+    layers.check_rank_fits_layer("stella", path, self.rank, view,
+                                 why="; U and V need orthonormal columns")
     return Stella(base, self, view, path, rngs=rngs)
 
   def num_params(self, fan_in: int, fan_out: int) -> int:

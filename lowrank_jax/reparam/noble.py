@@ -122,10 +122,7 @@ class NOBLESpec(adapter_base.AdapterSpec):
   def build(self, base, *, rngs, calibration=None, path=""):
     del calibration
     view = layers.view_of(base, path)
-    limit = min(view.fan_in, view.fan_out)
-    if self.rank > limit:
-      raise ValueError(f"noble at '{path}': rank={self.rank} exceeds min(fan_in, fan_out) = "
-                       f"min({view.fan_in}, {view.fan_out}) = {limit}.")
+    layers.check_rank_fits_layer("noble", path, self.rank, view)
     return NOBLE(base, self, view, path, rngs=rngs)
 
   def branch_params(self) -> int:

@@ -107,10 +107,7 @@ class SLTrainSpec(adapter_base.AdapterSpec):
   def build(self, base, *, rngs, calibration=None, path=""):
     del calibration
     view = layers.view_of(base, path)
-    limit = min(view.fan_in, view.fan_out)
-    if self.rank > limit:
-      raise ValueError(f"{self.name} at '{path}': rank={self.rank} exceeds min(fan_in, fan_out) = "
-                       f"{limit}.")
+    layers.check_rank_fits_layer(self.name, path, self.rank, view)
     return SparsePlusLowRank(base, self, view, path, rngs=rngs)
 
   def num_params(self, fan_in: int, fan_out: int) -> int:

@@ -69,9 +69,7 @@ class SSTSpec(adapter_base.AdapterSpec):
   def build(self, base, *, rngs, calibration=None, path=""):
     del calibration
     view = layers.view_of(base, path)
-    if self.rank > min(view.fan_in, view.fan_out):
-      raise ValueError(f"sst at '{path}': rank={self.rank} exceeds min(fan_in, fan_out) = "
-                       f"{min(view.fan_in, view.fan_out)}.")
+    layers.check_rank_fits_layer("sst", path, self.rank, view)
     return SST(base, self, view, path, rngs=rngs)
 
   def num_params(self, fan_in: int, fan_out: int) -> int:
