@@ -6,8 +6,9 @@ For each width d: the dense step computes y = x W and the gradients for x and W 
 trains W); each reparameterized layer's step computes its output and the gradients for x and for
 its trainable leaves. Both jitted, float32, median of repeats timed in alternation in the same
 run. Reported as ratios against the dense layer: step time, compiled temporary memory
-(XLA's memory analysis of the jitted step), and trainable parameters (Adam's state is twice
-that). ``--quick`` runs d=128 with few tokens and repeats, to check the script works. Writes
+(XLA's memory analysis of the jitted step; also printed in MiB, since the dense step may need
+no temporaries beyond its inputs and outputs, as on XLA:CPU, leaving the ratio undefined), and
+trainable parameters (Adam's state is twice that). ``--quick`` runs d=128 with few tokens and repeats, to check the script works. Writes
 benchmarks/results/reparam_step.json (or reparam_step_quick.json).
 """
 
@@ -111,12 +112,12 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), tokens={tokens}, "
         f"float32, median of {repeats}")
   print(f"{'method':<12}{'d':>6}{'dense ms':>10}{'step ms':>10}{'time x':>8}{'temp x':>8}"
-        f"{'params x':>10}")
+        f"{'temp MiB':>10}{'params x':>10}")
   for row in rows:
     temp = "n/a" if row["temp_ratio"] is None else f"{row['temp_ratio']:.2f}"
     print(f"{row['method']:<12}{row['d']:>6}{1e3 * row['dense_s']:>10.2f}"
           f"{1e3 * row['step_s']:>10.2f}{row['time_ratio']:>8.2f}{temp:>8}"
-          f"{row['trainable_ratio']:>10.3f}")
+          f"{row['temp_bytes'] / 2**20:>10.1f}{row['trainable_ratio']:>10.3f}")
   out = _OUT.value or f"benchmarks/results/reparam_step{'_quick' if quick else ''}.json"
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
