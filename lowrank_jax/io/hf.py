@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -35,6 +36,17 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+def _on_device_of(variable: nnx.Variable, value: np.ndarray) -> jax.Array:
+  """``value`` as a device array with the variable's dtype and sharding.
+
+  A NumPy leaf would be copied to the device again on every jitted call (and a
+  transposed view transposed again), so the copy happens here, once.
+  """
+  current = variable.get_value()
+  sharding = current.sharding if isinstance(current, jax.Array) else None
+  return jax.device_put(np.asarray(value, dtype=variable.dtype), sharding)
+
+
 def load_into(model: nnx.Module, tensors: dict[str, np.ndarray],
               rename: Callable[[str], str] = lambda name: name) -> nnx.Module:
   """Copy checkpoint tensors into every ``nnx.Param`` of ``model`` (all or nothing)."""
@@ -51,6 +63,6 @@ def load_into(model: nnx.Module, tensors: dict[str, np.ndarray],
     if tuple(value.shape) != tuple(variable.shape):
       raise CheckpointError(f"Tensor {key!r} has shape {tuple(tensors[key].shape)}; the model needs "
                             f"{tuple(variable.shape)}{' (transposed)' if leaf == 'kernel' else ''}.")
-    updated.append((path, variable.replace(np.asarray(value, dtype=variable.dtype))))
+    updated.append((path, variable.replace(_on_device_of(variable, value))))
   nnx.update(model, nnx.from_flat_state(updated))
   return model

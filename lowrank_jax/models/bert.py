@@ -99,7 +99,7 @@ class Intermediate(nnx.Module):
     self.dense = layers.dense(config.hidden_size, config.intermediate_size, rngs=rngs)
 
   def __call__(self, x):
-    return jax.nn.gelu(self.dense(x), approximate=False)
+    return layers.gelu_erf(self.dense(x))
 
 
 class Layer(nnx.Module):

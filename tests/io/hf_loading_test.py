@@ -49,6 +49,13 @@ def test_minilm_sentence_embeddings_equal_transformers(minilm):
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
+def test_loaded_parameters_are_device_arrays(minilm):
+  # A NumPy leaf would be copied to the device again on every jitted call.
+  model, _ = minilm
+  leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+  assert leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_minilm_adapters_match_peft(minilm, method, tmp_path):
   model, tokenizer = bert.from_pretrained(MINILM)
