@@ -52,11 +52,29 @@ def _base_schedule(config) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), decay], [warmup])
 
 
-def build(config) -> optax.GradientTransformation:
-  """``clip_by_global_norm(clip_norm)`` (if > 0) then the named optimizer on the schedule."""
+def build(config, model=None) -> optax.GradientTransformation:
+  """``clip_by_global_norm(clip_norm)`` (if > 0) then the named optimizer on the schedule.
+
+  With ``model``, the learning-rate multipliers its layers define (NOBLE's official
+  ones, `lowrank_jax.reparam.noble.lr_multipliers`) scale the schedule per parameter.
+  """
   o = config.optimizer
   kwargs = o.kwargs.to_dict() if hasattr(o.kwargs, "to_dict") else dict(o.kwargs)
-  tx = lookup(o.name)(learning_rate=schedule(config), **kwargs)
+  factory = lookup(o.name)
+  make_tx = lambda learning_rate: factory(learning_rate=learning_rate, **kwargs)
+  multipliers = {} if model is None else _lr_multipliers(model)
+  if multipliers:
+    from lowrank_jax.optim import labels  # pylint: disable=g-import-not-at-top
+    tx = labels.partition_by_multiplier(
+        make_tx, schedule(config), lambda path, _: multipliers.get(labels.key_names(path), 1.0),
+        set(multipliers.values()) | {1.0})
+  else:
+    tx = make_tx(schedule(config))
   if o.clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
   return tx
+
+
+def _lr_multipliers(model) -> dict[tuple[str, ...], float]:
+  from lowrank_jax.reparam import noble  # pylint: disable=g-import-not-at-top
+  return noble.lr_multipliers(model)

@@ -12,9 +12,10 @@ gradients it passes to ``update``).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import optax
 
 
 def key_names(path) -> tuple[str, ...]:
@@ -91,3 +92,49 @@ def mask_by_ndim(min_ndim: int = 2) -> Callable[[Any], Any]:
   if not isinstance(min_ndim, int) or min_ndim < 0:
     raise ValueError(f"min_ndim must be an int >= 0, got {min_ndim!r}.")
   return lambda params: jax.tree.map(lambda p: jax.numpy.ndim(p) >= min_ndim, params)
+
+
+def scaled_learning_rate(learning_rate: float | optax.Schedule, multiplier: float):
+  """``multiplier * learning_rate`` for a float or an optax schedule (then a schedule)."""
+  if multiplier == 1.0:
+    return learning_rate
+  if callable(learning_rate):
+    return lambda count: multiplier * learning_rate(count)
+  return multiplier * learning_rate
+
+
+def partition_by_multiplier(
+    make_tx: Callable[[Any], optax.GradientTransformation],
+    learning_rate: float | optax.Schedule,
+    multiplier_of: Callable[[tuple, Any], float],
+    multipliers: Iterable[float],
+) -> optax.GradientTransformation:
+  """Per-leaf learning-rate multipliers: ``make_tx(multiplier * learning_rate)`` on each leaf.
+
+  An ``optax.partition`` with one inner optimizer per distinct multiplier, so
+  each keeps its own state and weight decay scales with its learning rate, as
+  in a torch parameter group with ``lr * multiplier``.
+
+  Args:
+    make_tx: learning rate (float or schedule) -> optimizer, e.g. ``optax.adamw``.
+    learning_rate: the base learning rate, a float or an optax schedule.
+    multiplier_of: ``(key path, leaf) -> multiplier`` of every leaf.
+    multipliers: every value ``multiplier_of`` can return.
+
+  Raises (at ``init``/``update``): ValueError naming a leaf whose multiplier is not in
+  ``multipliers``.
+  """
+  values = sorted(set(float(m) for m in multipliers))
+  label_of = {m: f"lr_x{m!r}" for m in values}
+
+  def labels(params):
+    def label(path, leaf):
+      m = float(multiplier_of(path, leaf))
+      if m not in label_of:
+        raise ValueError(f"Parameter {path_str(path)!r} has learning-rate multiplier {m}, not one "
+                         f"of the declared {values}.")
+      return label_of[m]
+    return jax.tree_util.tree_map_with_path(label, params)
+
+  return optax.partition(
+      {label_of[m]: make_tx(scaled_learning_rate(learning_rate, m)) for m in values}, labels)

@@ -49,6 +49,7 @@ from flax import nnx
 
 from lowrank_jax.adapters import base as adapter_base
 from lowrank_jax.adapters import layers
+from lowrank_jax.optim import labels
 from lowrank_jax.reparam import events
 
 Array = jax.Array
@@ -233,23 +234,16 @@ def lr_multipliers(model: nnx.Module) -> dict[tuple, float]:
   return table
 
 
-def optimizer(make_tx: Callable[[float], optax.GradientTransformation], learning_rate: float,
+def optimizer(make_tx: Callable[[Any], optax.GradientTransformation],
+              learning_rate: float | optax.Schedule,
               model: nnx.Module) -> optax.GradientTransformation:
-  """``optax.partition`` applying ``make_tx(learning_rate * multiplier)`` per NOBLE leaf.
+  """``make_tx(learning_rate * multiplier)`` per NOBLE leaf (`optim.labels.partition_by_multiplier`).
 
   Leaves without a multiplier (W, W_down, biases, every non-NOBLE parameter)
-  get ``make_tx(learning_rate)``. Example:
+  get ``make_tx(learning_rate)``; ``learning_rate`` may be an optax schedule. Example:
   ``nnx.Optimizer(model, noble.optimizer(optax.adamw, 1e-3, model), wrt=lrj.AdapterParam)``.
   """
   table = lr_multipliers(model)
-  multipliers = sorted(set(table.values()) | {1.0})
-  label_of = {m: f"lr_x{m:.6g}" for m in multipliers}
-
-  def labels(params):
-    def label(path, _):
-      names = tuple(str(getattr(e, "key", getattr(e, "name", getattr(e, "idx", e)))) for e in path)
-      names = names[:-1] if names and names[-1] == "value" else names
-      return label_of[table.get(names, 1.0)]
-    return jax.tree_util.tree_map_with_path(label, params)
-
-  return optax.partition({label_of[m]: make_tx(learning_rate * m) for m in multipliers}, labels)
+  return labels.partition_by_multiplier(
+      make_tx, learning_rate, lambda path, _: table.get(labels.key_names(path), 1.0),
+      set(table.values()) | {1.0})

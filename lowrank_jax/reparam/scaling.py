@@ -28,6 +28,8 @@ from typing import Any, Callable
 import jax
 import optax
 
+from lowrank_jax.optim import labels
+
 UPDATES = ("sgd", "adam", "orthogonal")
 Fans = Callable[[tuple, Any], "tuple[int, int] | None"]
 
@@ -70,30 +72,30 @@ def matrix_fans(path: tuple, leaf: Any) -> tuple[int, int] | None:
   return math.prod(shape[:-1]), shape[-1]
 
 
-def _label(multiplier: float) -> str:
-  return f"lr_x{multiplier:.6g}"
+def _multiplier_of(update: str, base_fans: tuple[int, int], fans: Fans):
+  """``(path, leaf) -> multiplier``: 1 for leaves without fans (vectors, scalars)."""
+  def multiplier_of(path, leaf):
+    f = fans(path, leaf)
+    return 1.0 if f is None else lr_multiplier(*f, update=update, base_fans=base_fans)
+  return multiplier_of
 
 
 def spectral_labels(params: Any, update: str = "adam", base_fans: tuple[int, int] = (1, 1),
                     fans: Fans = matrix_fans) -> Any:
   """A tree like ``params`` of labels ``'lr_x<multiplier>'`` (for ``optax.partition``)."""
-
-  def label(path, leaf):
-    f = fans(path, leaf)
-    return _label(1.0 if f is None else lr_multiplier(*f, update=update, base_fans=base_fans))
-
-  return jax.tree_util.tree_map_with_path(label, params)
+  multiplier_of = _multiplier_of(update, base_fans, fans)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: f"lr_x{multiplier_of(path, leaf):.6g}", params)
 
 
-def spectral_optimizer(make_tx: Callable[[float], optax.GradientTransformation],
-                       learning_rate: float, params: Any, update: str = "adam",
+def spectral_optimizer(make_tx: Callable[[Any], optax.GradientTransformation],
+                       learning_rate: float | optax.Schedule, params: Any, update: str = "adam",
                        base_fans: tuple[int, int] = (1, 1),
                        fans: Fans = matrix_fans) -> optax.GradientTransformation:
-  """``optax.partition`` applying ``make_tx(learning_rate * multiplier)`` to each leaf group.
+  """``make_tx(learning_rate * multiplier)`` per leaf (`optim.labels.partition_by_multiplier`).
 
   Example: ``spectral_optimizer(optax.adam, 3e-3, params, base_fans=(64, 64))``.
   """
-  labels = spectral_labels(params, update, base_fans, fans)
-  used = sorted(set(jax.tree_util.tree_leaves(labels)))
-  transforms = {name: make_tx(learning_rate * float(name[len("lr_x"):])) for name in used}
-  return optax.partition(transforms, labels)
+  multiplier_of = _multiplier_of(update, base_fans, fans)
+  multipliers = [multiplier_of(p, leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(params)]
+  return labels.partition_by_multiplier(make_tx, learning_rate, multiplier_of, multipliers)

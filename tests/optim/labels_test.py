@@ -37,3 +37,16 @@ def test_mask_by_ndim_and_nnx_paths():
   assert mask == {"bias": False, "kernel": True}
   with pytest.raises(ValueError, match="min_ndim"):
     labels.mask_by_ndim(-1)
+
+
+def test_partition_by_multiplier_scales_each_leaf_and_schedules():
+  params = {"a": jnp.ones((2, 3)), "b": {"c": jnp.ones(4)}}
+  multiplier_of = lambda path, _: 3.0 if labels.path_str(path) == "a" else 1.0
+  schedule = optax.linear_schedule(1.0, 0.0, 10)
+  for lr, expected in ((0.1, 0.1), (schedule, 1.0)):  # the schedule's value at count 0
+    tx = labels.partition_by_multiplier(optax.sgd, lr, multiplier_of, [1.0, 3.0])
+    updates, _ = tx.update(params, tx.init(params))
+    assert jnp.allclose(updates["a"], -3.0 * expected) and jnp.allclose(updates["b"]["c"], -expected)
+  with pytest.raises(ValueError, match="'a' has learning-rate multiplier 3.0, not one of the declared"):
+    tx = labels.partition_by_multiplier(optax.sgd, 0.1, multiplier_of, [1.0])
+    tx.init(params)
