@@ -9,6 +9,12 @@ dense. Reports the median train-step time of each library for LoRA, DoRA and ful
 of the process ("first": ours includes tracing and compiling the init, once per layer shape)
 and a second attach to a freshly loaded model ("again": compiled init reused). Writes
 benchmarks/results/vs_peft.json. Needs the `interop` extra.
+
+To read the step times against the hardware, it also reports the floating-point operations
+of our compiled LoRA step (XLA's cost analysis) and the rate of a large float32 matmul
+(4096 x 384 @ 384 x 1536, the MLP's shape) timed in the same run: their quotient is the step
+time if every operation ran at that matmul's rate, a floor no implementation of the same
+computation reaches.
 """
 
 from __future__ import annotations
@@ -55,7 +61,22 @@ def median_step(step, repeats):
   return statistics.median(times)
 
 
+def matmul_flops_per_s(repeats: int = 20) -> float:
+  """FLOP/s of a (4096, 384) @ (384, 1536) float32 matmul, median over ``repeats`` calls."""
+  a, b = jnp.ones((4096, 384)), jnp.ones((384, 1536))
+  matmul = jax.jit(jnp.matmul)
+  seconds = median_step(lambda: jax.block_until_ready(matmul(a, b)), repeats)
+  return 2 * 4096 * 384 * 1536 / seconds
+
+
+def compiled_flops(jitted, *args) -> float:
+  analysis = jitted.lower(*args).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis["flops"])
+
+
 def ours(method: str, ids, mask):
+  """(median step seconds, FLOPs of the compiled step) of lowrank_jax."""
   model, _ = bert.from_pretrained(checkpoint())
   wrt = nnx.Param
   if method != "full":
@@ -78,7 +99,8 @@ def ours(method: str, ids, mask):
     state[0], state[1], loss = train_step(state[0], state[1], rest, ids, mask)
     jax.block_until_ready(loss)
 
-  return median_step(step, _REPEATS.value)
+  flops = compiled_flops(train_step, *state, rest, ids, mask)
+  return median_step(step, _REPEATS.value), flops
 
 
 def theirs(method: str, ids, mask):
@@ -130,7 +152,10 @@ def main(argv):
   mask = jnp.ones_like(ids)
   rows = []
   for method in ("lora", "dora", "full"):
-    rows.append(dict(method=method, ours_s=ours(method, ids, mask), peft_s=theirs(method, ids, mask)))
+    ours_s, flops = ours(method, ids, mask)
+    rows.append(dict(method=method, ours_s=ours_s, peft_s=theirs(method, ids, mask), ours_flops=flops))
+  rate = matmul_flops_per_s()
+  floor_s = rows[0]["ours_flops"] / rate
   attach = dict(ours_s=attach_time_ours(), peft_s=attach_time_theirs())
   attach.update(ours_again_s=attach_time_ours(), peft_again_s=attach_time_theirs())
   lora = rows[0]["ours_s"]
@@ -141,11 +166,16 @@ def main(argv):
           f"{row['ours_s'] / row['peft_s']:>11.3f}")
   print(f"DoRA / LoRA (ours): {rows[1]['ours_s'] / lora:.3f} (target <= 1.15)")
   print(f"LoRA ours / PEFT: {lora / rows[0]['peft_s']:.3f} (target <= 0.7)")
+  print(f"LoRA step: {rows[0]['ours_flops'] / 1e9:.1f} GFLOP; a 4096x384 @ 384x1536 matmul runs at "
+        f"{rate / 1e9:.0f} GFLOP/s here, so the step takes at least {floor_s:.3f} s "
+        f"= {floor_s / rows[0]['peft_s']:.3f} of PEFT's step (ours runs at "
+        f"{rows[0]['ours_flops'] / lora / 1e9:.0f} GFLOP/s)")
   print(f"PiSSA (niter 4) attach, first: ours {attach['ours_s']:.3f} s, PEFT {attach['peft_s']:.3f} s;"
         f" again: ours {attach['ours_again_s']:.3f} s, PEFT {attach['peft_again_s']:.3f} s")
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(dict(batch=_BATCH.value, seq_len=_SEQ.value, rank=_RANK.value, steps=rows,
+                   matmul_flops_per_s=rate, lora_floor_s=floor_s,
                    pissa_attach=attach, device=str(jax.devices()[0])), f, indent=2)
   print(f"wrote {_OUT.value}")
 
