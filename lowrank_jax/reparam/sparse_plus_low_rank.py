@@ -168,7 +168,7 @@ class LOSTSpec(SLTrainSpec):
     gamma: weight of the low-rank output, in (0, 1); the sparse output gets
       ``1 - gamma``.
     activation: sigma between A and B: 'identity' (a linear, mergeable
-      layer), or 'silu' (the authors' choice), 'gelu', 'relu', 'tanh'.
+      layer), or 'silu' (as the first author's adapter), 'gelu', 'relu', 'tanh'.
   """
 
   name = "lost"
