@@ -31,7 +31,8 @@ def methods(rank: int, block_size: int, event_every: int) -> dict:
       "poet_block": ("poet", dict(block_size=block_size, w0_init="normalized_gaussian"),
                      poet_events),
       "sltrain": ("sltrain", dict(low_rank, sparsity=0.03), ()),
-      "lost": ("lost", dict(low_rank, sparsity=0.1), ()),
+      # gamma 0.5 with alpha = 2r gives both LOST branches the multiplier 1 (docs/reparam.md).
+      "lost": ("lost", dict(rank=rank, alpha=2.0 * rank, gamma=0.5, sparsity=0.1), ()),
       "sst": ("sst", dict(rank=rank), (("sst_resample", dict(every=event_every)),)),
       "relora": ("relora", low_rank, (("relora_restart", dict(every=event_every)),)),
       "switchlora": ("switchlora", dict(rank=rank, alpha=1.0),

@@ -1,24 +1,41 @@
-"""A mixture of LoRA experts routed in rank space (CoMoL-style).
+"""A mixture of LoRA experts routed in rank space: CoMoL.
 
 Cao et al., "CoMoL: Efficient Mixture of LoRA Experts via Dynamic Core Space
-Merging" (2025), after the MoE-LoRA line (MoLE, Wu et al., "Mixture of LoRA
-Experts", 2024): the experts share one LoRA subspace (A, B) and differ only
-by an r x r core; a router on the rank-r activation ``z = x A`` mixes the
-cores per token:
+Merging" (ACL Findings 2026, arXiv:2603.00573). The experts share one LoRA
+subspace (A, B) and differ only by an r x r core C_i ("core space experts");
+a router on the rank-r activation ``z = x A`` ("core space routing") mixes
+the cores per token into one core (soft merging):
 
-    y = x W0 + s * (z (C0 + sum_i g_i(z) C_i)) B,   z = dropout(x) A,
-    g(z) = softmax(z W_g)  (optionally kept on its top-k entries, renormalized)
+    y = x W0 + s * (z C(z)) B,   z = dropout(x) A,
+    C(z) = sum_i g_i(z) C_i,     g(z) = softmax(z W_g)
 
-with A (fan_in, r), B (r, fan_out), a shared core C0 (r, r), expert cores
-C_i (k, r, r) and the router W_g (r, k): ``r (fan_in + fan_out) + (k + 1) r^2
-+ r k`` parameters, the router k r instead of k fan_in. In the (out, in)
-layout of the paper, ``dW(x) = s B (C0 + sum_i g_i(A x) C_i) A``.
+with A (fan_in, r), B (r, fan_out), cores C (k, r, r) and the router W_g
+(r, k): ``r (fan_in + fan_out) + k r^2 + r k`` parameters, the router k r
+instead of k fan_in. In the (out, in) layout of the paper, ``dW(x) = s B C(A
+x) A``. There is no shared core besides the k routed ones.
 
-Init: A as PEFT's LoRA (U(+-1/sqrt(fan_in))), B = 0 (identity at init),
-C0 = I (the layer starts as a plain LoRA), C_i = 0 and W_g = 0 (uniform
-gates). What is inferred: the seed digest marks the formula with the shared
-core C0 as inferred from the abstract; the init above and the absence of a
-load-balancing loss are choices of this implementation, not the paper's.
+Checked against the official code, github.com/DCDmllm/CoMoL, where the method
+is ``mocorelora`` with ``core_router=True`` (``src/mocorelora/layer.py``,
+``LinearMoCoreLoraLayer.forward`` and ``reset_parameters``; ``train.py``):
+
+* Init as there: A ~ U(+-1/sqrt(fan_in)) and every C_i ~ U(+-1/sqrt(r))
+  (torch's ``kaiming_uniform_(a=sqrt(5))`` on the (r, fan_in) and (r, r)
+  tensors), B = 0 (so the layer equals the base at init), and the router as
+  torch's default ``nn.Linear(r, k)`` init, U(+-1/sqrt(r)). The official
+  weights map as ``comol_a = lora_A.weight.T``, ``comol_b = lora_B.weight.T``,
+  ``comol_cores[i] = lora_Cores[i]`` and ``comol_router = lora_router.weight.T``.
+* ``s = alpha / r``; the official scripts set alpha = r (s = 1, our default)
+  and dropout 0.1 (ours defaults to 0).
+* No load-balancing loss: the official trainer adds an auxiliary loss only for
+  models that define ``get_aux_loss`` (its MoLE and AdaMoLE baselines), and
+  the CoMoL model does not.
+
+Differences from the official code: it also applies the dropout to the merged
+per-token core and to ``z C(z)`` before B; here dropout acts on the input
+only (as in its shared-subspace variant ``mocorelorash`` and in PEFT's LoRA),
+so the per-token (r, r) core is never formed. ``top_k`` (keep each token's
+top-k gates, renormalized) is an option of ours; the official router is dense
+(``top_k=None``, the default).
 
 Merging: the update depends on the input through the gates, so no single
 kernel equals the adapted layer. The adapter is therefore not mergeable
@@ -57,11 +74,10 @@ def route(z: Array, router: Array, top_k: int | None) -> Array:
   return jax.nn.softmax(logits, axis=-1)
 
 
-def mix_cores(z: Array, gates: Array, core: Array, experts: Array) -> Array:
-  """``z (C0 + sum_i g_i C_i)`` per token: z (..., r), gates (..., k) -> (..., r)."""
-  shared = z @ core.astype(z.dtype)
-  routed = jnp.einsum("...k,...r,krs->...s", gates.astype(z.dtype), z, experts.astype(z.dtype))
-  return shared + routed
+def mix_cores(z: Array, gates: Array, cores: Array) -> Array:
+  """``z sum_i g_i C_i`` per token without forming the per-token core:
+  z (..., r), gates (..., k), cores (k, r, r) -> (..., r)."""
+  return jnp.einsum("...k,...r,krs->...s", gates.astype(z.dtype), z, cores.astype(z.dtype))
 
 
 @adapter_base.register
@@ -73,8 +89,8 @@ class CoMoLSpec(adapter_base.AdapterSpec):
     rank: r >= 1.
     experts: number of expert cores k >= 1.
     alpha: scaling numerator; None means alpha = r (s = 1).
-    top_k: None routes densely (soft merge of all cores); an integer in
-      [1, experts] keeps each token's top-k gates.
+    top_k: None routes densely (the soft merge of all cores, as the paper);
+      an integer in [1, experts] keeps each token's top-k gates (ours).
     dropout: dropout rate on the adapter input, in [0, 1).
     param_dtype: dtype of the adapter leaves; None uses the base kernel's.
   """
@@ -108,13 +124,12 @@ class CoMoLSpec(adapter_base.AdapterSpec):
 
   def num_params(self, fan_in: int, fan_out: int) -> int:
     r, k = self.rank, self.experts
-    return r * (fan_in + fan_out) + (k + 1) * r * r + r * k
+    return r * (fan_in + fan_out) + k * r * r + r * k
 
 
 class CoMoL(adapter_base.Adapter):
   """The rank-space mixture adapter. Leaves ``comol_a`` (fan_in, r), ``comol_b``
-  (r, fan_out), ``comol_core`` (r, r), ``comol_experts`` (k, r, r),
-  ``comol_router`` (r, k)."""
+  (r, fan_out), ``comol_cores`` (k, r, r), ``comol_router`` (r, k)."""
 
   additive = False  # there is no fixed delta to add or subtract
   mergeable = False
@@ -125,12 +140,12 @@ class CoMoL(adapter_base.Adapter):
     r, k = spec.rank, spec.experts
     sharding = adapter_base.sharding_for_factors(base, view)
     param = adapter_base.AdapterParam
-    a = products.uniform_fan_in(rngs.params(), (view.fan_in, r), view.fan_in)
+    key_a, key_cores, key_router = jax.random.split(rngs.params(), 3)
+    a = products.uniform_fan_in(key_a, (view.fan_in, r), view.fan_in)
     self.comol_a = param(a.astype(dtype), **sharding["a"])
     self.comol_b = param(jnp.zeros((r, view.fan_out), dtype), **sharding["b"])
-    self.comol_core = param(jnp.eye(r, dtype=dtype))
-    self.comol_experts = param(jnp.zeros((k, r, r), dtype))
-    self.comol_router = param(jnp.zeros((r, k), dtype))
+    self.comol_cores = param(products.uniform_fan_in(key_cores, (k, r, r), r).astype(dtype))
+    self.comol_router = param(products.uniform_fan_in(key_router, (r, k), r).astype(dtype))
     self.dropout = nnx.Dropout(spec.dropout, rngs=rngs) if spec.dropout > 0 else None
 
   def rank_activations(self, x: Array, **kwargs) -> Array:
@@ -146,14 +161,13 @@ class CoMoL(adapter_base.Adapter):
     y = self.base(x, **kwargs)
     z = self.rank_activations(x, **kwargs)
     gates = route(z, self.comol_router[...], self.spec.top_k)
-    h = mix_cores(z, gates, self.comol_core[...], self.comol_experts[...])
+    h = mix_cores(z, gates, self.comol_cores[...])
     return y + self.view.project_out(self.spec.scale * h, self.comol_b[...]).astype(y.dtype)
 
   def delta_for_gates(self, gates: Array) -> Array:
-    """The (fan_in, fan_out) update ``s A (C0 + sum_i g_i C_i) B`` for fixed gates (k,)."""
+    """The (fan_in, fan_out) update ``s A (sum_i g_i C_i) B`` for fixed gates (k,)."""
     f32 = lambda v: v[...].astype(jnp.float32)
-    core = f32(self.comol_core) + jnp.einsum("k,krs->rs", gates.astype(jnp.float32),
-                                             f32(self.comol_experts))
+    core = jnp.einsum("k,krs->rs", gates.astype(jnp.float32), f32(self.comol_cores))
     return self.spec.scale * (f32(self.comol_a) @ core @ f32(self.comol_b))
 
   def delta_matrix(self):

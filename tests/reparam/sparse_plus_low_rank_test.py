@@ -1,4 +1,5 @@
-"""SLTrain and LOST: the factored weight at init is the stated dense weight; bad input."""
+"""SLTrain and LOST: the factored weight at init is the stated dense weight, LOST's
+gamma-weighted branches and activation against numpy restatements; bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -81,28 +82,91 @@ def test_sltrain_support_stays_fixed_while_values_train():
   np.testing.assert_allclose(low_rank[off_support], 0.0, atol=1e-6)
 
 
+def _perturbed(model, seed=11):
+  state = nnx.state(model, lrj.AdapterParam)
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  nnx.update(model, jax.tree_util.tree_unflatten(
+      treedef, [l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]))
+
+
+def _lost_leaves(layer):
+  """(A, B, kept input channels I, W_s (len(I), fan_out)) from the leaves, in float64."""
+  a, b = np.asarray(layer.lora_a[...], np.float64), np.asarray(layer.lora_b[...], np.float64)
+  support = np.asarray(layer.sparse_support[...])
+  fan_out = b.shape[1]
+  channels = support[::fan_out] // fan_out
+  assert np.array_equal(support, (channels[:, None] * fan_out + np.arange(fan_out)).reshape(-1))
+  values = np.asarray(layer.sparse_values[...], np.float64).reshape(len(channels), fan_out)
+  return a, b, channels, values
+
+
 def test_lost_weight_is_top_r_svd_plus_channel_sparse_complement():
-  spec = lrj.adapters.lost(rank=3, alpha=1.5, sparsity=0.25)
-  model, w, _ = _model(spec)
+  gamma, alpha, rank = 0.3, 1.5, 3
+  model, w, bias = _model(lrj.adapters.lost(rank=rank, alpha=alpha, sparsity=0.3, gamma=gamma))
   layer = model.layer
-  u, s, vt = np.linalg.svd(w, full_matrices=False)
-  top = (u[:, :3] * s[:3]) @ vt[:3]
-  np.testing.assert_allclose(layer.spec.scale * np.asarray(layer.lora_a[...], np.float64)
-                             @ np.asarray(layer.lora_b[...], np.float64), top, atol=1e-5)
+  s = alpha / rank
+  u, sv, vt = np.linalg.svd(w, full_matrices=False)
+  top = (u[:, :3] * sv[:3]) @ vt[:3]
+  a, b, channels, values = _lost_leaves(layer)
+  np.testing.assert_allclose(s * gamma * a @ b, top, atol=1e-5)
   # Input channels (rows of our (fan_in, fan_out) matrix, columns of the paper's (out, in)
-  # weight) with the largest L2 norm of the complement: round(0.25 * 16) = 4 of them.
+  # weight) with the largest L2 norm of the complement: max(1, int(0.3 * 16)) = 4 of them.
   complement = w - top
   keep = np.sort(np.argsort(-np.linalg.norm(complement, axis=1))[:4])
+  np.testing.assert_array_equal(channels, keep)
+  np.testing.assert_allclose(s * (1 - gamma) * values, complement[keep], atol=1e-5)
   expected = top.copy()
   expected[keep] += complement[keep]
   np.testing.assert_allclose(layer.effective_matrix(), expected, atol=1e-5)
-  assert layer.sparse_values[...].size == 4 * 12
-  untouched = np.setdiff1d(np.arange(16), keep)
-  np.testing.assert_allclose(np.asarray(layer.effective_matrix())[untouched], top[untouched],
+  x = np.asarray(jax.random.normal(jax.random.key(3), (5, 16)))
+  np.testing.assert_allclose(model(jnp.asarray(x)), x @ expected + bias, rtol=1e-4, atol=1e-4)
+  # The channel count is floored: 0.99 * 16 -> 15 kept, and the dropped channel is top-r only.
+  most, w_most, _ = _model(lrj.adapters.lost(rank=3, sparsity=0.99))
+  top_most = np.linalg.svd(w_most, full_matrices=False)
+  top_most = (top_most[0][:, :3] * top_most[1][:3]) @ top_most[2][:3]
+  dropped = np.setdiff1d(np.arange(16), _lost_leaves(most.layer)[2])
+  assert dropped.size == 1 and most.layer.sparse_values[...].size == 15 * 12
+  kept = np.setdiff1d(np.arange(16), dropped)
+  np.testing.assert_allclose(np.asarray(most.layer.effective_matrix())[kept], w_most[kept], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(most.layer.effective_matrix())[dropped], top_most[dropped],
                              atol=1e-5)
-  # Keeping every channel of the complement reproduces the original weight.
-  full, w_full, _ = _model(lrj.adapters.lost(rank=3, sparsity=0.99))
-  np.testing.assert_allclose(full.layer.effective_matrix(), w_full, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+def test_lost_output_is_the_gamma_weighted_sum_of_its_branches(activation):
+  # s (gamma sigma(x A) B + (1 - gamma) x[:, I] W_s) + b on perturbed leaves (the paper's
+  # weighted branches, written in the (fan_in, fan_out) layout).
+  gamma, alpha, rank = 0.7, 8.0, 4
+  model, _, bias = _model(lrj.adapters.lost(rank=rank, alpha=alpha, sparsity=0.25, gamma=gamma,
+                                            activation=activation))
+  _perturbed(model)
+  a, b, channels, values = _lost_leaves(model.layer)
+  sigma = {"identity": lambda z: z, "silu": lambda z: z / (1 + np.exp(-z))}[activation]
+  x = np.asarray(jax.random.normal(jax.random.key(4), (2, 3, 16)), np.float64)
+  expected = alpha / rank * (gamma * sigma(x @ a) @ b + (1 - gamma) * x[..., channels] @ values)
+  np.testing.assert_allclose(model(jnp.asarray(x, jnp.float32)), expected + bias, rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_lost_with_an_activation_is_not_mergeable_and_trains():
+  model, _, _ = _model(lrj.adapters.lost(rank=3, activation="silu"))
+  layer = model.layer
+  assert not type(layer).mergeable and not layer.additive and not layer.identity_at_init
+  for refused in (layer.delta, layer.effective_kernel, lambda: lrj.merge(model)):
+    with pytest.raises(ValueError, match="'layer' \\(lost\\) is not mergeable"):
+      refused()
+  assert isinstance(model.layer, lrj.adapters.Adapter)  # left as it was
+  x, target = jax.random.normal(jax.random.key(1), (8, 16)), jax.random.normal(jax.random.key(2), (8, 12))
+  loss = lambda m: jnp.mean((m(x) - target) ** 2)
+  grads = nnx.grad(loss, argnums=nnx.DiffState(0, lrj.AdapterParam))(model)
+  norms = {str(k): float(jnp.linalg.norm(v[...])) for k, v in nnx.to_flat_state(grads)}
+  assert len(norms) == 3 and min(norms.values()) > 0, norms
+  before = float(loss(model))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=lrj.AdapterParam)
+  for _ in range(5):
+    optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, lrj.AdapterParam))(model))
+  assert float(loss(model)) < before
 
 
 @pytest.mark.parametrize("name", ["sltrain", "lost"])
@@ -114,3 +178,11 @@ def test_bad_input(name):
     lrj.adapters.get(name, rank=0)
   with pytest.raises(ValueError, match=rf"{name} at 'layer': rank=20 exceeds"):
     _model(lrj.adapters.get(name, rank=20))
+
+
+def test_lost_bad_gamma_and_activation():
+  for bad in (0.0, 1.0, -0.5, 2.0):
+    with pytest.raises(ValueError, match=r"lost: gamma must be in the open interval \(0, 1\)"):
+      lrj.adapters.lost(gamma=bad)
+  with pytest.raises(ValueError, match="lost: activation must be one of .*'silu'.*got 'swish'"):
+    lrj.adapters.lost(activation="swish")
