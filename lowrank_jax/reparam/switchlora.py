@@ -75,15 +75,18 @@ Differences from the official code:
 * optax keeps one step count per leaf; the official StepAdamW keeps one per
   A column and B row and resets it with the moments, so after a freeze it
   bias-corrects the counterpart as a fresh vector at step ``freeze_steps +
-  1``. Here the global count is not reset: after the freeze Adam's first
-  update of the counterpart is ``(1 - b1) / sqrt(1 - b2)`` (about 3.2 with
-  the defaults) times the size of a bias-corrected one;
+  1``. Here the global count (large late in training) is not reset: after
+  the freeze Adam's first update of the counterpart is ``(1 - b1) / sqrt(1 -
+  b2)`` (about 3.2 with the defaults) times the size of a bias-corrected one
+  (the official one, at step 6, about 0.52 times);
 * the official code switches at every step; with ``every > 1`` the freeze
   lasts ``freeze_steps`` rounded up to a multiple of ``every``;
 * the official random selection may also draw the stale slots of the vectors
   being replaced; here it draws from the m pool entries only;
 * rank 1 never switches in the official code (its bound is always 0); here
-  the event raises.
+  the event raises;
+* candidate dropping (official ``switch_lora_drop``, default 0) and CPU
+  offloading of the pools are not implemented.
 """
 
 from __future__ import annotations
