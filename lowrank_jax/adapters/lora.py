@@ -222,11 +222,16 @@ class LoRA(adapter_base.Adapter):
   def adapter_input(self, x: Array) -> Array:
     return self.dropout(x) if self.dropout is not None else x
 
+  def factors(self) -> tuple[Array, Array]:
+    """The factors (A, B) the forward multiplies by (a subclass may mask their gradients)."""
+    return self.lora_a[...], self.lora_b[...]
+
   def low_rank_output(self, x: Array, **kwargs) -> Array:
     """``s * (x A) B`` in the base output layout (x already dropped out)."""
-    z = self.view.project_in(self.base, x, self.lora_a[...], **kwargs)
+    a, b = self.factors()
+    z = self.view.project_in(self.base, x, a, **kwargs)
     # Scaling the rank-r activations instead of the output saves a full-size pass.
-    return self.view.project_out(self.scale * z, self.lora_b[...])
+    return self.view.project_out(self.scale * z, b)
 
   def adapter_bias(self, ndim: int) -> Array | None:
     if self.lora_bias is None:
@@ -251,8 +256,9 @@ class LoRA(adapter_base.Adapter):
   def fused_output(self, x: Array) -> Array:
     """``x W0 + s (x A) B`` without any bias, by `lowrank_jax.kernels.lora_matmul`."""
     x, kernel = fused_linear_base(self.base, x, self.path)
+    a, b = self.factors()
     return lora_kernel.lora_matmul(
-        x, kernel, self.lora_a[...].astype(kernel.dtype), self.lora_b[...].astype(kernel.dtype),
+        x, kernel, a.astype(kernel.dtype), b.astype(kernel.dtype),
         scale=self.scale, implementation=self.kernel_implementation,
         interpret=self.spec.interpret)
 

@@ -79,11 +79,15 @@ def test_scheduled_switch_keeps_the_function():
   x = jax.random.normal(jax.random.key(1), (5, 32))
   y = model(x)
   opt_state = optax.adam(1e-3).init(nnx.state(model, lrj.AdapterParam))
-  b_before = np.asarray(model.layer.lora_b[...])
-  event = switchlora.SwitchLoRASwitch(every=10, interval=4.0, seed=2)  # 20 per event, capped at 8
+  a_before, b_before = np.asarray(model.layer.lora_a[...]), np.asarray(model.layer.lora_b[...])
+  # 10 * 8 / 10 = 8 per event, capped by the official bound r / 2 = 4.
+  event = switchlora.SwitchLoRASwitch(every=10, interval=10.0, seed=2)
   model, opt_state = event(model, opt_state, 10)
   np.testing.assert_allclose(model(x), y, rtol=1e-5, atol=1e-5)
-  assert np.all(np.any(np.asarray(model.layer.lora_b[...]) != b_before, axis=1))
+  np.testing.assert_array_equal(
+      np.flatnonzero(np.any(np.asarray(model.layer.lora_a[...]) != a_before, axis=0)), [0, 1, 2, 3])
+  np.testing.assert_array_equal(
+      np.flatnonzero(np.any(np.asarray(model.layer.lora_b[...]) != b_before, axis=1)), [4, 5, 6, 7])
 
 
 def test_bad_input():
