@@ -47,6 +47,23 @@ def _on_device_of(variable: nnx.Variable, value: np.ndarray) -> jax.Array:
   return jax.device_put(np.asarray(value, dtype=variable.dtype), sharding)
 
 
+def load_new(make_model: Callable[[], nnx.Module], tensors: dict[str, np.ndarray],
+             rename: Callable[[str], str] = lambda name: name) -> nnx.Module:
+  """``make_model()`` built abstractly (``nnx.eval_shape``) and filled from ``tensors``.
+
+  No parameter is randomly initialized only to be overwritten, which for a
+  large checkpoint would cost an init's time and a second copy of the weights.
+  The model may hold nothing but ``nnx.Param`` variables (all come from the
+  checkpoint).
+  """
+  model = nnx.eval_shape(make_model)
+  others = [path for path, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param)))]
+  if others:
+    raise CheckpointError(f"{type(model).__name__} holds variables that are not parameters, which "
+                          f"no checkpoint fills: {['/'.join(map(str, p)) for p in others]}.")
+  return load_into(model, tensors, rename)
+
+
 def load_into(model: nnx.Module, tensors: dict[str, np.ndarray],
               rename: Callable[[str], str] = lambda name: name) -> nnx.Module:
   """Copy checkpoint tensors into every ``nnx.Param`` of ``model`` (all or nothing)."""

@@ -166,8 +166,8 @@ def from_pretrained(path: str, *, dtype=None):
     raise ValueError(f"{path} holds a {hf_config.get('model_type')!r} model, not BERT.")
   fields = {f.name for f in dataclasses.fields(BertConfig)}
   config = BertConfig(**{k: v for k, v in hf_config.items() if k in fields})
-  model = BertModel(config, rngs=nnx.Rngs(0))
-  hf.load_into(model, hf.read_safetensors(os.path.join(path, "model.safetensors")))
+  model = hf.load_new(lambda: BertModel(config, rngs=nnx.Rngs(0)),
+                      hf.read_safetensors(os.path.join(path, "model.safetensors")))
   if dtype is not None:
     nnx.update(model, jax.tree_util.tree_map(lambda v: v.astype(dtype), nnx.state(model)))
   return model, tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))

@@ -124,7 +124,6 @@ def from_pretrained(path: str) -> GPT:
                      max_len=c.get("max_position_embeddings", 2048),
                      rope_base=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), norm_eps=c["rms_norm_eps"],
                      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-  model = GPT(config, rngs=nnx.Rngs(0))
-  hf.load_into(model, hf.read_safetensors(os.path.join(path, "model.safetensors")), _llama_name)
-  return model
+  return hf.load_new(lambda: GPT(config, rngs=nnx.Rngs(0)),
+                     hf.read_safetensors(os.path.join(path, "model.safetensors")), _llama_name)
 

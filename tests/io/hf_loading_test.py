@@ -56,6 +56,27 @@ def test_loaded_parameters_are_device_arrays(minilm):
   assert leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
 
 
+def test_load_new_fills_an_abstract_model_and_refuses_other_variables():
+  config = bert.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=16, max_position_embeddings=8)
+  source = bert.BertModel(config, rngs=nnx.Rngs(3))
+  tensors = {}
+  for path, variable in nnx.to_flat_state(nnx.state(source, nnx.Param)):
+    *module, leaf = [str(p) for p in path]
+    value = np.asarray(variable.get_value())
+    tensors[".".join(module) + "." + hf._LEAF_NAMES[leaf]] = value.T if leaf == "kernel" else value
+  loaded = hf.load_new(lambda: bert.BertModel(config, rngs=nnx.Rngs(0)), tensors)
+  ids = jnp.arange(6).reshape(1, 6)
+  np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(source(ids)))
+
+  class WithStats(nnx.Module):
+    def __init__(self):
+      self.dense = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+      self.norm = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+  with pytest.raises(hf.CheckpointError, match="not parameters.*norm/mean"):
+    hf.load_new(WithStats, {})
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_minilm_adapters_match_peft(minilm, method, tmp_path):
   model, tokenizer = bert.from_pretrained(MINILM)
