@@ -12,15 +12,17 @@ projections) are stored once as ``base_model.<name>`` (`shared_to_torch`,
 `lowrank_jax.io.peft.export_peft` / `import_peft` call them for these methods
 (LoRA and DoRA keep their own format code there). Supported layers:
 ``nnx.Linear`` for every row, and 2-D ``nnx.Conv`` (PEFT's ``nn.Conv2d``) for
-LoHa, HRA and AdaLoRA (`PeftMethod.conv_fan_in_axes`). A spec option PEFT
+LoHa, HRA, AdaLoRA and HUT (`PeftMethod.conv_fan_in_axes`). A spec option PEFT
 cannot express, or a model mixing methods or hyperparameters, raises
 `PeftFormatError`.
 
 2-D conv: PEFT flattens a filter to (out, in * kh * kw) in (in, kh, kw) order,
-our view to (kh * kw * in, out). LoHa's Hadamard product, HRA's reflections and
-AdaLoRA's SVD factors commute with a permutation of the fan_in axis, so those
-tensors are reordered on export / import and the mapping is exact (HRA: square
-windows only, PEFT sizes ``hra_u`` by ``kernel_size[0] ** 2``). Refused with the
+our view to (kh * kw * in, out). LoHa's Hadamard product, HRA's reflections,
+AdaLoRA's SVD factors and HUT's element-wise modulation commute with a permutation
+of the fan_in axis, so those tensors are reordered on export / import and the
+mapping is exact (HRA: square windows only, PEFT sizes ``hra_u`` by
+``kernel_size[0] ** 2``; HUT: PEFT keeps its factors as 4-D conv weights,
+`PeftMethod.conv_shape`). Refused with the
 reason (`PeftMethod.no_conv`): LoKr (PEFT keeps the whole window in the second
 Kronecker factor, ``lokr_w2`` (out_k, in_n, kh, kw)), OFT and BOFT (PEFT rotates
 contiguous blocks of its (in, kh, kw) flattening, ours of (kh, kw, in)), and
@@ -58,6 +60,14 @@ Layouts (ours (fan_in, fan_out) -> PEFT):
   locations: it redraws them from ``random_loc_seed`` with torch's generator
   (`peft_fourier_locations`), so import sets our locations to those, and export
   is exact only for layers whose locations are PEFT's (imported ones).
+* HUT (PEFT's HIRA, Huang et al., "HiRA: Parameter-Efficient Hadamard High-Rank
+  Adaptation for Large Language Models", ICLR 2025; the same formula
+  ``W0 + W0 * (B A)``): ``hira_A = hut_a.T`` (r, in), ``hira_B = s hut_b.T``
+  (out, r). PEFT has no scale, so export folds s = alpha / r into ``hira_B``
+  and import builds ``hut(rank=r)`` (alpha = r, s = 1). On a Conv2d layer
+  ``hira_A`` (r, in, kh, kw) is the reordered fan_in axis unflattened and
+  ``hira_B`` is (out, r, 1, 1). Refused: ``hira_dropout`` > 0 (HUT has no
+  dropout) and a ``rank_pattern`` (one spec per model).
 * VeRA: ``vera_lambda_d = d``, ``vera_lambda_b = b``; shared ``vera_A`` (r,
   in_max) ``= A[:in_max].T`` and ``vera_B`` (out_max, r) ``= B[:, :out_max].T``
   with in_max / out_max the largest dims of the adapted layers (the shapes PEFT
