@@ -29,12 +29,17 @@ All in the (fan_in, fan_out) layout of `LayerView` (``y = x W``).
   ``i``. The update depends on W0 (not additive); like PEFT, the forward forms
   the effective kernel.
 * HUT (Zhang et al., "HUT: A More Computation Efficient Fine-Tuning Method With
-  Hadamard Updated Transformation", 2024): ``W' = W0 ⊙ (1 + s A B)`` with
-  LoRA-shaped A (kaiming-uniform) and B (zero). (inferred) The paper's method
-  text could not be checked; this is the form its abstract describes (W0
-  transformed by a Hadamard product with two low-rank matrices). Not additive;
-  the forward forms the effective kernel (an unmerged form would cost r
-  products with W0).
+  Hadamard Updated Transformation", 2024): ``W' = W0 ⊙ (1 + s A B)``,
+  ``s = alpha / r``, with LoRA-shaped A (kaiming-uniform, bound 1/sqrt(fan_in))
+  and B (zero). Unverified against HUT's paper: its method section and any
+  official code could not be retrieved (see docs/adapters_highrank.md for what
+  was searched); this is the form its abstract describes (W0 transformed by a
+  Hadamard product with two low-rank matrices). The formula and init are those
+  of HiRA (Huang et al., "HiRA: Parameter-Efficient Hadamard High-Rank
+  Adaptation for Large Language Models", ICLR 2025), and at alpha = r (s = 1)
+  this adapter equals HF PEFT's ``hira`` tuner numerically (tested). Not
+  additive; the forward forms the effective kernel (an unmerged form would cost
+  r products with W0).
 """
 
 from __future__ import annotations

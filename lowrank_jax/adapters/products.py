@@ -577,11 +577,16 @@ class SoKASpec(adapter_base.AdapterSpec):
   ``energy`` the smallest k <= terms whose components hold that fraction of
   ``||W0||_F^2``.
 
-  What is inferred: the paper's abstract speaks of the principal components
-  of "the full weight update"; which matrix it decomposes (W0 or an estimate
-  of the update) and its elbow criterion were not checked against the
-  paper, so this implements the W0 (PiSSA-like) reading and the energy rule
-  only. With ``energy`` set, `num_params` is the bound at k = terms; the
+  What is checked: the KPSVD itself, against a numpy restatement of the
+  paper's Algorithm 1 as a secondary summary (the Moonlight review) gives it:
+  blocks of the matrix become rows of W', W' = U S V^T, the top r_kp terms
+  ``s_k U_k ⊗ V_k``. What is not checked, since neither the paper's method
+  section nor official code could be retrieved (docs/adapters_products.md
+  lists what was searched): which matrix is decomposed (the abstract and the
+  review say "the weight update"; W0 here, PiSSA-like, with the residual kept
+  in the base), how s_k is split between the factors (sqrt(s_k) into each
+  here), and the elbow criterion, which is not implemented (energy rule
+  only). With ``energy`` set, `num_params` is the bound at k = terms; the
   chosen k is ``adapter.num_terms``.
 
   Attributes:

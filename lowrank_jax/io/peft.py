@@ -326,7 +326,7 @@ def import_peft(directory: str, model: nnx.Module, *, module_prefix: str = "",
   """Attach the adapters of a PEFT directory to ``model`` and load their weights.
 
   LoRA / DoRA here; the ``peft_type`` values of `lowrank_jax.io.peft_methods`
-  (LOHA, LOKR, VERA, FOURIERFT, HRA, OFT, MISS, ADALORA, BOFT) through its table.
+  (LOHA, LOKR, VERA, FOURIERFT, HRA, OFT, MISS, ADALORA, BOFT, HIRA) through its table.
 
   ``model`` is the plain base model (no adapters on the targeted layers). Every
   tensor name and shape is checked against the model before anything is

@@ -12,15 +12,17 @@ projections) are stored once as ``base_model.<name>`` (`shared_to_torch`,
 `lowrank_jax.io.peft.export_peft` / `import_peft` call them for these methods
 (LoRA and DoRA keep their own format code there). Supported layers:
 ``nnx.Linear`` for every row, and 2-D ``nnx.Conv`` (PEFT's ``nn.Conv2d``) for
-LoHa, HRA and AdaLoRA (`PeftMethod.conv_fan_in_axes`). A spec option PEFT
+LoHa, HRA, AdaLoRA and HUT (`PeftMethod.conv_fan_in_axes`). A spec option PEFT
 cannot express, or a model mixing methods or hyperparameters, raises
 `PeftFormatError`.
 
 2-D conv: PEFT flattens a filter to (out, in * kh * kw) in (in, kh, kw) order,
-our view to (kh * kw * in, out). LoHa's Hadamard product, HRA's reflections and
-AdaLoRA's SVD factors commute with a permutation of the fan_in axis, so those
-tensors are reordered on export / import and the mapping is exact (HRA: square
-windows only, PEFT sizes ``hra_u`` by ``kernel_size[0] ** 2``). Refused with the
+our view to (kh * kw * in, out). LoHa's Hadamard product, HRA's reflections,
+AdaLoRA's SVD factors and HUT's element-wise modulation commute with a permutation
+of the fan_in axis, so those tensors are reordered on export / import and the
+mapping is exact (HRA: square windows only, PEFT sizes ``hra_u`` by
+``kernel_size[0] ** 2``; HUT: PEFT keeps its factors as 4-D conv weights,
+`PeftMethod.conv_shape`). Refused with the
 reason (`PeftMethod.no_conv`): LoKr (PEFT keeps the whole window in the second
 Kronecker factor, ``lokr_w2`` (out_k, in_n, kh, kw)), OFT and BOFT (PEFT rotates
 contiguous blocks of its (in, kh, kw) flattening, ours of (kh, kw, in)), and
@@ -58,6 +60,14 @@ Layouts (ours (fan_in, fan_out) -> PEFT):
   locations: it redraws them from ``random_loc_seed`` with torch's generator
   (`peft_fourier_locations`), so import sets our locations to those, and export
   is exact only for layers whose locations are PEFT's (imported ones).
+* HUT (PEFT's HIRA, Huang et al., "HiRA: Parameter-Efficient Hadamard High-Rank
+  Adaptation for Large Language Models", ICLR 2025; the same formula
+  ``W0 + W0 * (B A)``): ``hira_A = hut_a.T`` (r, in), ``hira_B = s hut_b.T``
+  (out, r). PEFT has no scale, so export folds s = alpha / r into ``hira_B``
+  and import builds ``hut(rank=r)`` (alpha = r, s = 1). On a Conv2d layer
+  ``hira_A`` (r, in, kh, kw) is the reordered fan_in axis unflattened and
+  ``hira_B`` is (out, r, 1, 1). Refused: ``hira_dropout`` > 0 (HUT has no
+  dropout) and a ``rank_pattern`` (one spec per model).
 * VeRA: ``vera_lambda_d = d``, ``vera_lambda_b = b``; shared ``vera_A`` (r,
   in_max) ``= A[:in_max].T`` and ``vera_B`` (out_max, r) ``= B[:, :out_max].T``
   with in_max / out_max the largest dims of the adapted layers (the shapes PEFT
@@ -80,6 +90,7 @@ from lowrank_jax.adapters.products import LoKrSpec
 from lowrank_jax import linalg
 from lowrank_jax.adapters.adalora import AdaLoRASpec
 from lowrank_jax.adapters.highrank import BatSpec
+from lowrank_jax.adapters.highrank import HUTSpec
 from lowrank_jax.adapters.highrank import MiSSSpec
 from lowrank_jax.adapters.orthogonal import BOFTSpec
 from lowrank_jax.adapters.orthogonal import HRASpec
@@ -135,6 +146,10 @@ class PeftMethod(NamedTuple):
       (out, in * kh * kw) with math that commutes with a permutation of that axis: {suffix:
       the tensor axis that runs over fan_in}; the exporter / importer reorder it between our
       (kh, kw, in) flattening and PEFT's (in, kh, kw). None: nnx.Linear layers only.
+    conv_shape: (suffix, matrix shape, kernel shape (kh, kw, in, out)) -> the shape PEFT
+      stores that tensor in on a Conv2d layer, for a method whose Conv2d tensors are not
+      matrices (HiRA's ``hira_A`` (r, in, kh, kw)); the exporter reshapes after the reorder,
+      the importer flattens every axis after the first before it. None: stored as matrices.
     no_conv: why the method has no exact 2-D conv mapping (when conv_fan_in_axes is None).
   """
 
@@ -151,6 +166,7 @@ class PeftMethod(NamedTuple):
   export_check: Callable[[Any], None] | None = None
   layer_config: Callable[[dict[str, Any], dict], None] | None = None
   conv_fan_in_axes: dict[str, int] | None = None
+  conv_shape: Callable[[str, tuple[int, ...], tuple[int, ...]], tuple[int, ...]] | None = None
   no_conv: str = "PEFT's layer for it exists for nn.Linear only"
 
 
@@ -485,6 +501,30 @@ def _hra_spec(config, shared):
   return HRASpec(rank=int(config["r"]))
 
 
+# -- HUT (PEFT's HIRA) -----------------------------------------------------------------
+def _hira_spec(config, shared):
+  """PEFT's HiRA has no scale: W0 + W0 * (B A) is our HUT at alpha = r (s = 1)."""
+  del shared
+  _refuse_options(config, "HIRA", dict(hira_dropout=0.0, rank_pattern={}))
+  return HUTSpec(rank=int(config["r"]))
+
+
+def _hira_to_torch(adapter):
+  """hira_A = A.T (r, in), hira_B = s B.T (out, r): s = alpha / r folded into hira_B."""
+  return {"hira_A": _np(adapter.hut_a).T, "hira_B": adapter.spec.scale * _np(adapter.hut_b).T}
+
+
+def _hira_from_torch(adapter, fields):
+  _set(adapter.hut_a, fields["hira_A"].T)
+  _set(adapter.hut_b, fields["hira_B"].T / adapter.spec.scale)
+
+
+def _hira_conv_shape(suffix, shape, kernel_shape):
+  """PEFT's HiRA Conv2d: hira_A (r, in, kh, kw), hira_B (out, r, 1, 1)."""
+  kh, kw, cin, _ = kernel_shape
+  return (shape[0], cin, kh, kw) if suffix == "hira_A" else (*shape, 1, 1)
+
+
 _BLOCKS_ON_CONV = ("PEFT's Conv2d layer rotates contiguous blocks of the filter flattened in "
                    "(in, kh, kw) order, ours blocks of the (kh, kw, in) flattening: the "
                    "block-diagonal rotations differ")
@@ -528,6 +568,11 @@ METHODS = (
                conv_fan_in_axes={"lora_A": 1}),
     PeftMethod("BOFT", (BOFTSpec,), "boft_", _boft_config, _boft_spec, _boft_to_torch,
                _boft_from_torch, no_conv=_BLOCKS_ON_CONV),
+    PeftMethod("HIRA", (HUTSpec,), "hira_",
+               lambda spec, _: dict(r=spec.rank, hira_dropout=0.0, fan_in_fan_out=False,
+                                 init_weights=True, rank_pattern={}, exclude_modules=None),
+               _hira_spec, _hira_to_torch, _hira_from_torch, conv_fan_in_axes={"hira_A": 1},
+               conv_shape=_hira_conv_shape),
 )
 BY_SPEC = {t: m for m in METHODS for t in m.spec_types}
 BY_PEFT_TYPE = {m.peft_type: m for m in METHODS}
@@ -547,16 +592,30 @@ def _check_layer(path: str, view: layers.LayerView, method: PeftMethod) -> None:
                         f"PEFT {method.peft_type} format supports {supported} layers only.")
 
 
-def _conv_order(view: layers.LayerView, fields: dict[str, np.ndarray], axes: dict[str, int] | None,
+def _conv_order(view: layers.LayerView, fields: dict[str, np.ndarray], method: PeftMethod,
                 to_torch: bool) -> dict[str, np.ndarray]:
-  """Reorder the fan_in axes of a conv layer's tensors between (kh, kw, in) and PEFT's (in, kh, kw)."""
+  """A conv layer's tensors between our (kh, kw, in) fan_in order and PEFT's (in, kh, kw) (and shapes)."""
   if view.kind != "conv":
     return fields
   kh, kw, cin, _ = view.kernel_shape
   ours_at = np.arange(kh * kw * cin).reshape(kh, kw, cin).transpose(2, 0, 1).reshape(-1)
   order = ours_at if to_torch else np.argsort(ours_at)  # PEFT's entry j is our entry ours_at[j]
-  return {suffix: np.take(value, order, axis=axes[suffix]) if suffix in axes else value
-          for suffix, value in fields.items()}
+  axes = method.conv_fan_in_axes
+  moved = {}
+  for suffix, value in fields.items():
+    if method.conv_shape is not None and not to_torch:
+      value = value.reshape(value.shape[0], -1)
+    if suffix in axes:
+      value = np.take(value, order, axis=axes[suffix])
+    if method.conv_shape is not None and to_torch:
+      value = value.reshape(method.conv_shape(suffix, value.shape, view.kernel_shape))
+    moved[suffix] = value
+  return moved
+
+
+def _torch_fields(adapter, method: PeftMethod) -> dict[str, np.ndarray]:
+  """{suffix: tensor} of one adapter, in PEFT's layout and shapes."""
+  return _conv_order(adapter.view, method.to_torch(adapter), method, True)
 
 
 def _without_dtype(spec):
@@ -591,8 +650,7 @@ def export_methods(sites, *, module_prefix: str, base_model_name_or_path: str | 
     if method.export_check is not None:
       method.export_check(adapter)
     name = _torch_name(path, module_prefix)
-    fields = _conv_order(adapter.view, method.to_torch(adapter), method.conv_fan_in_axes, True)
-    for suffix, value in fields.items():
+    for suffix, value in _torch_fields(adapter, method).items():
       tensors[f"{_PREFIX}{name}.{suffix}"] = np.ascontiguousarray(value)
   if method.shared_to_torch is not None:
     for name, value in method.shared_to_torch([adapter for _, adapter in sites]).items():
@@ -650,7 +708,7 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
   if method.layer_config is not None:
     method.layer_config({names[p]: probe for p, probe in probes.items()}, config)
   for path, probe in probes.items():
-    expected = {suffix: v.shape for suffix, v in method.to_torch(probe).items()}
+    expected = {suffix: v.shape for suffix, v in _torch_fields(probe, method).items()}
     check_shapes(expected, sites[path], lambda suffix, p=path: f"{_PREFIX}{names[p]}.{suffix}",
                  f"layer '{path}'")
   if method.shared_to_torch is not None:
@@ -666,7 +724,7 @@ def import_methods(config: dict, tensors: dict[str, np.ndarray], model: nnx.Modu
     method.layer_config({names[p]: adapters[p] for p in sites}, config)
   for path, fields in sites.items():
     adapter = adapters[path]
-    method.from_torch(adapter, _conv_order(adapter.view, fields, method.conv_fan_in_axes, False))
+    method.from_torch(adapter, _conv_order(adapter.view, fields, method, False))
   if method.shared_from_torch is not None:
     method.shared_from_torch(adapters[min(sites)], shared)
   return model

@@ -3,7 +3,7 @@
 MiSS and Bat are matched numerically against HF PEFT's ``miss`` tuner on the
 same weights; MoRA against an entry-by-entry transcription of the paper's
 operators (Eq. 6 and Eq. 9) written with explicit loops; HUT against its
-formula.
+formula and against HF PEFT's ``hira`` tuner, whose formula it shares.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def test_mora_update_rank_exceeds_r(variant):
     assert rank > size  # the rotations make the chunks' images differ
 
 
-# -- MiSS / Bat against PEFT -----------------------------------------------------------------
-def _peft_layer(kernel, bias, **config):
+# -- MiSS / Bat / HUT against PEFT -----------------------------------------------------------
+def _peft_layer(kernel, bias, tuner="MissConfig", **config):
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
 
@@ -119,7 +119,8 @@ def _peft_layer(kernel, bias, **config):
   with torch.no_grad():
     net.layer.weight.copy_(torch.from_numpy(np.asarray(kernel).T.copy()))
     net.layer.bias.copy_(torch.from_numpy(np.asarray(bias).copy()))
-  return peft.get_peft_model(net, peft.MissConfig(target_modules=["layer"], **config)), torch
+  tuner_config = getattr(peft, tuner)(target_modules=["layer"], **config)
+  return peft.get_peft_model(net, tuner_config), torch
 
 
 @pytest.mark.parametrize("fan_in,rank,mini_r", [(13, 4, None), (12, 4, None), (13, 3, 4)])
@@ -192,6 +193,29 @@ def test_hut_is_a_hadamard_modulation_of_w0_of_rank_above_r():
   np.testing.assert_allclose(model.layer.effective_kernel(), expected, rtol=1e-5, atol=1e-6)
   assert spec.scale == 2.0
   assert np.linalg.matrix_rank(expected - w0, tol=1e-6) > 2
+
+
+def test_hut_matches_peft_hira_on_the_same_weights():
+  # PEFT's HiRA: W' = W0 + W0 ⊙ (B A) on the (out, in) weight, no scale; HUT at alpha = r.
+  fan_in, fan_out, r = 10, 6, 3
+  model = _linear(fan_in, fan_out)
+  kernel, bias = np.asarray(model.layer.kernel[...]), np.asarray(model.layer.bias[...])
+  lrj.attach(model, [("layer", lrj.adapters.hut(rank=r))], rngs=nnx.Rngs(0))
+  assert np.abs(np.asarray(model.layer.hut_a[...])).max() <= 1 / math.sqrt(fan_in)
+  _set(model.layer.hut_a, 11)
+  _set(model.layer.hut_b, 12)
+  a, b = np.asarray(model.layer.hut_a[...]), np.asarray(model.layer.hut_b[...])
+  peft_model, torch = _peft_layer(kernel, bias, tuner="HiraConfig", r=r)
+  layer = peft_model.base_model.model.layer
+  with torch.no_grad():
+    layer.hira_A["default"].copy_(torch.from_numpy(a.T.copy()))  # (r, in)
+    layer.hira_B["default"].copy_(torch.from_numpy(b.T.copy()))  # (out, r)
+  x = np.asarray(jax.random.normal(jax.random.key(13), (4, fan_in)))
+  with torch.no_grad():
+    expected = peft_model(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+  merged = peft_model.merge_and_unload().layer.weight.detach().numpy().T
+  np.testing.assert_allclose(model.layer.effective_kernel(), merged, rtol=1e-6, atol=1e-6)
 
 
 # -- bad input -------------------------------------------------------------------------------

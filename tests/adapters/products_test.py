@@ -212,6 +212,29 @@ def test_soka_takes_the_principal_kronecker_components_and_keeps_the_function():
   np.testing.assert_allclose(adapter.delta() + adapter.base.kernel[...], w, rtol=1e-5, atol=1e-5)
 
 
+def _kpsvd_terms_reference(w, p, q, k):
+  """The KPSVD of SoKA's Algorithm 1 (as summarized by the Moonlight review), in numpy.
+
+  Each (m, n) block of w becomes one row of W', W' = U S V^T, and term j is
+  ``s_j reshape(u_j, (p, q)) ⊗ reshape(v_j, (m, n))``.
+  """
+  m, n = w.shape[0] // p, w.shape[1] // q
+  rows = [w[i * m:(i + 1) * m, j * n:(j + 1) * n].reshape(-1) for i in range(p) for j in range(q)]
+  u, s, vt = np.linalg.svd(np.stack(rows), full_matrices=False)
+  return sum(s[j] * np.kron(u[:, j].reshape(p, q), vt[j].reshape(m, n)) for j in range(k))
+
+
+@pytest.mark.parametrize("terms", [1, 3])
+def test_soka_init_is_the_top_kronecker_terms_of_w0(terms):
+  layer = nnx.Linear(12, 10, rngs=nnx.Rngs(3))
+  w0 = np.asarray(layer.kernel[...], np.float64)
+  adapter = lrj.adapters.soka(terms=terms, kron_shape=(3, 2)).build(layer, rngs=nnx.Rngs(0),
+                                                                     path="l")
+  expected = _kpsvd_terms_reference(w0, 3, 2, terms)
+  np.testing.assert_allclose(adapter.delta(), expected, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(adapter.base.kernel[...], w0 - expected, rtol=1e-4, atol=1e-5)
+
+
 def test_soka_energy_picks_the_number_of_terms():
   layer, _ = _kronecker_weight_layer(noise=1e-3)
   adapter = lrj.adapters.soka(terms=5, energy=0.999).build(layer, rngs=nnx.Rngs(0), path="l")

@@ -1,4 +1,4 @@
-"""The PEFT formats of the zoo methods on 2-D conv layers: LoHa, HRA and AdaLoRA exactly, the rest refused.
+"""The PEFT formats of the zoo methods on 2-D conv layers: LoHa, HRA, AdaLoRA, HUT exactly, the rest refused.
 
 A torch network of two nn.Conv2d layers and its nnx.Conv twin share weights
 (torch (out, in, kh, kw) = our (kh, kw, in, out) transposed). PEFT flattens a
@@ -86,6 +86,7 @@ EXPORT_CASES = [
     ("hra", dict(rank=4), ((3, 3), (2, 2)), None),
     ("adalora", dict(rank=3, alpha=5.0), WINDOWS, None),
     ("adalora", dict(rank=3, alpha=5.0), WINDOWS, _prune),
+    ("hut", dict(rank=3, alpha=2.0), WINDOWS, None),  # hira_A (r, in, kh, kw), hira_B (out, r, 1, 1)
 ]
 
 
@@ -116,6 +117,7 @@ IMPORT_CASES = [
     ("hra", lambda: peft.HRAConfig(r=4, target_modules=TARGETS), ((3, 3), (2, 2)), "hra_u"),
     ("adalora", lambda: peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=5, total_step=10,
                                            target_modules=TARGETS), WINDOWS, "lora_"),
+    ("hut", lambda: peft.HiraConfig(r=3, target_modules=TARGETS), WINDOWS, "hira_"),
 ]
 
 
@@ -170,6 +172,18 @@ def test_peft_conv_files_we_cannot_map_are_refused_on_import(tmp_path):
   with pytest.raises(lrj_io.PeftFormatError, match="use_effective_conv2d=True \\(a CP decomposition"):
     lrj_io.import_peft(str(tmp_path / "loha"), net)
   assert twin._no_adapters(net)
+
+
+def test_a_hira_conv_file_for_another_window_names_key_and_shapes(tmp_path):
+  _, net = _twins()
+  lrj.attach(net, [(r"convs/\d", lrj.adapters.hut(rank=2))], rngs=nnx.Rngs(5))
+  lrj_io.export_peft(net, str(tmp_path))
+  _, other = _twins(((2, 2), (2, 2)))
+  with pytest.raises(lrj_io.PeftFormatError,
+                     match=r"'base_model.model.convs.0.hira_A' has shape \(2, 2, 3, 2\) but the "
+                     r"model wants \(2, 2, 2, 2\) for layer 'convs/0'"):
+    lrj_io.import_peft(str(tmp_path), other)
+  assert twin._no_adapters(other)
 
 
 def test_hra_on_a_non_square_window_is_refused(tmp_path):

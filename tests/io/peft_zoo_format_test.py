@@ -1,4 +1,4 @@
-"""The PEFT file formats beyond LoRA: LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT, MiSS/Bat, AdaLoRA.
+"""The PEFT file formats beyond LoRA: LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT, MiSS/Bat, AdaLoRA, HUT.
 
 On the torch / NNX twin network of peft_parity_test.py: our randomized adapter
 exported with export_peft loads with peft.PeftModel.from_pretrained and gives
@@ -56,6 +56,8 @@ EXPORT_CASES = [
     ("miss", dict(rank=5, mini_r=2)),  # 12 = 5 + 5 + 2: a partial last chunk
     ("bat", dict(rank=2)),
     ("adalora", dict(rank=3, alpha=5.0)),
+    ("hut", dict(rank=3, alpha=5.0)),  # PEFT's HIRA has no scale: s = 5 / 3 folded into hira_B
+    ("hut", dict(rank=2)),
 ]
 
 
@@ -76,7 +78,7 @@ def test_export_loads_in_peft_with_same_outputs_and_merge(method, hp, tmp_path, 
   ours = np.asarray(net(jnp.asarray(x)))
   assert lrj_io.export_peft(net, str(tmp_path)) == {}
   config = json.load(open(tmp_path / "adapter_config.json"))
-  assert config["peft_type"] == {"bat": "MISS"}.get(method, method.upper())
+  assert config["peft_type"] == {"bat": "MISS", "hut": "HIRA"}.get(method, method.upper())
   loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path)).double()
   loaded.eval()
   np.testing.assert_allclose(twin._torch_out(loaded, x), ours, rtol=1e-5, atol=1e-5)
@@ -109,6 +111,7 @@ IMPORT_CASES = [
     ("bat", lambda t: peft.MissConfig(r=2, init_weights="bat", target_modules=t), "miss_block"),
     ("adalora", lambda t: peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=5, total_step=10,
                                              target_modules=t), "lora_"),
+    ("hut", lambda t: peft.HiraConfig(r=3, target_modules=t), "hira_"),
 ]
 
 
@@ -152,6 +155,25 @@ def test_round_trip_through_the_file_keeps_every_leaf(tmp_path):
   x = jnp.asarray(twin._x())
   np.testing.assert_allclose(np.asarray(fresh(x)), np.asarray(net(x)), rtol=1e-6, atol=1e-6)
   assert fresh.out.vera_a is fresh.layers[0].query.vera_a  # one shared basis again
+
+
+@pytest.mark.parametrize("alpha", [None, 5.0])
+def test_hut_round_trip_through_the_peft_file(alpha, tmp_path):
+  _, net = twin._twins()
+  twin._attach(net, "hut", rank=3, alpha=alpha)
+  twin._randomize(net)
+  lrj_io.export_peft(net, str(tmp_path))
+  _, fresh = twin._twins()
+  lrj_io.import_peft(str(tmp_path), fresh)
+  x = jnp.asarray(twin._x())
+  np.testing.assert_allclose(np.asarray(fresh(x)), np.asarray(net(x)), rtol=1e-6, atol=1e-6)
+  for (path, ours), (_, back) in zip(adapter_sites(net), adapter_sites(fresh)):
+    assert back.spec == lrj.adapters.hut(rank=3), path  # PEFT's HiRA is HUT at alpha = r
+    np.testing.assert_array_equal(back.hut_a[...], ours.hut_a[...], err_msg=path)
+    np.testing.assert_allclose(back.hut_b[...], ours.spec.scale * ours.hut_b[...], rtol=1e-6,
+                               err_msg=path)
+    if alpha is None:
+      np.testing.assert_array_equal(back.hut_b[...], ours.hut_b[...], err_msg=path)
 
 
 def test_fourierft_from_peft_exports_back_exactly_and_native_locations_are_refused(tmp_path):
@@ -203,6 +225,18 @@ def test_a_file_for_another_base_names_key_and_shapes(tmp_path):
   assert twin._no_adapters(net)
 
 
+def test_a_hira_file_for_another_base_names_key_and_shapes(tmp_path):
+  path = _exported(tmp_path, "hut", rank=2)
+  key = "base_model.model.layers.0.query.hira_A"
+  _edit_tensors(path, lambda t: t.__setitem__(key, np.zeros((2, twin.D_IN + 1), np.float32)))
+  _, net = twin._twins()
+  with pytest.raises(lrj_io.PeftFormatError,
+                     match=rf"'{key}' has shape \(2, 13\) but the model wants \(2, 12\) for layer "
+                     r"'layers/0/query'"):
+    lrj_io.import_peft(str(path), net)
+  assert twin._no_adapters(net)
+
+
 def test_vera_shared_projection_mismatch_and_missing_tensor(tmp_path):
   path = _exported(tmp_path / "vera", "vera", rank=3)
   _edit_tensors(path, lambda t: t.__setitem__("base_model.vera_A", np.zeros((3, 13), np.float32)))
@@ -244,6 +278,15 @@ def test_peft_options_we_do_not_implement_are_refused(tmp_path):
   with pytest.raises(lrj_io.PeftFormatError, match=r"LOHA options \{'rank_dropout': 0.1\}"):
     lrj_io.import_peft(str(path), net)
   assert twin._no_adapters(net)
+
+  for option, value in (("hira_dropout", 0.1), ("rank_pattern", {"out": 4})):
+    path = _exported(tmp_path / option, "hut", rank=2)
+    config = json.load(open(path / "adapter_config.json"))
+    config[option] = value
+    json.dump(config, open(path / "adapter_config.json", "w"))
+    with pytest.raises(lrj_io.PeftFormatError, match=rf"HIRA options \{{'{option}': "):
+      lrj_io.import_peft(str(path), net)
+    assert twin._no_adapters(net)
 
 
 def test_export_refuses_mixed_methods_mixed_specs_and_inexpressible_options(tmp_path):
