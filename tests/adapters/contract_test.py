@@ -195,7 +195,13 @@ CAPACITY_LIMITED = {
 }
 
 
-@pytest.mark.parametrize("name,kind", CASES, ids=IDS)
+# Training is checked on the plain matrix layer and on the conv (its own layout); LinearGeneral
+# and Einsum reach the same adapter math through reshaping views, whose forward, merge and
+# gradients the checks above cover on every kind.
+TRAINING_CASES = [(name, kind) for name, kind in CASES if kind in ("linear", "conv")]
+
+
+@pytest.mark.parametrize("name,kind", TRAINING_CASES, ids=[f"{n}-{k}" for n, k in TRAINING_CASES])
 def test_optimizer_on_adapter_params_lowers_regression_loss(name, kind):
   if (name, kind) in CAPACITY_LIMITED:
     pytest.xfail(CAPACITY_LIMITED[name, kind])
