@@ -22,6 +22,8 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax import functional
 
+from layer_host import Host
+
 # kind: (NNX layer, Linen twin, input shape); the same layers as the adapter contract suite.
 KINDS = {
     "linear": (lambda rngs: nnx.Linear(12, 10, rngs=rngs), lambda: nn.Dense(10, name="layer"),
@@ -38,15 +40,6 @@ NAMES = lrj.adapters.names()
 CASES = [(name, kind) for name in NAMES for kind in KINDS]
 IDS = [f"{name}-{kind}" for name, kind in CASES]
 TOL = dict(rtol=1e-6, atol=1e-6)
-
-
-class Host(nnx.Module):
-
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
 
 
 class LinenHost(nn.Module):

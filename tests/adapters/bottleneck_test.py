@@ -9,13 +9,7 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.adapters import bottleneck
 
-
-class Host(nnx.Module):
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
+from layer_host import Host
 
 
 def _randomize(model, seed):

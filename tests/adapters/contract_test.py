@@ -16,6 +16,8 @@ from flax import nnx
 
 import lowrank_jax as lrj
 
+from layer_host import Host
+
 # Base layer kinds: constructor and input shape. Every kind has fan_in, fan_out >= 8.
 BASES = {
     "linear": (lambda rngs, dt: nnx.Linear(12, 10, param_dtype=dt, rngs=rngs), (3, 12)),
@@ -30,16 +32,6 @@ BASES = {
 
 CASES = [(name, kind) for name in lrj.adapters.names() for kind in BASES]
 IDS = [f"{name}-{kind}" for name, kind in CASES]
-
-
-class Host(nnx.Module):
-  """A model holding the layer under test at path 'layer'."""
-
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
 
 
 def _seed(name, kind, salt=0):

@@ -17,14 +17,7 @@ from flax import nnx
 
 import lowrank_jax as lrj
 
-
-class Host(nnx.Module):
-
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
+from layer_host import Host
 
 
 def _linear(fan_in, fan_out, seed=0):

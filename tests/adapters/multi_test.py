@@ -9,16 +9,10 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.adapters import multi
 
+from layer_host import Host
+
 SPECS = {"math": lrj.adapters.lora(rank=2, alpha=4.0), "code": lrj.adapters.lora(rank=3),
          "chat": lrj.adapters.lora(rank=1, rslora=True, alpha=2.0)}
-
-
-class Host(nnx.Module):
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
 
 
 def _model(kind="linear", seed=0, **spec_kw):

@@ -11,13 +11,7 @@ from lowrank_jax import calibrate
 from lowrank_jax import linalg
 from lowrank_jax.adapters import spectral
 
-
-class Host(nnx.Module):
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
+from layer_host import Host
 
 
 def _linear(fan_in=12, fan_out=10, seed=0):

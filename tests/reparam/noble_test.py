@@ -12,14 +12,7 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.reparam import noble
 
-
-class Host(nnx.Module):
-
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
+from layer_host import Host
 
 
 def _randomize(model, seed, scale=0.5):

@@ -11,20 +11,11 @@ import lowrank_jax as lrj
 from lowrank_jax.reparam import events
 from lowrank_jax.reparam import poet
 
-
-class Host(nnx.Module):
-
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
+from layer_host import attached_linear
 
 
 def _model(spec, fan_in=16, fan_out=12, seed=0):
-  model = Host(nnx.Linear(fan_in, fan_out, rngs=nnx.Rngs(seed)))
-  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(seed + 1))
-  return model
+  return attached_linear(spec, fan_in, fan_out, seed)
 
 
 def _randomize(model, seed, scale=0.1):

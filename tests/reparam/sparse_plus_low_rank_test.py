@@ -10,14 +10,7 @@ from flax import nnx
 
 import lowrank_jax as lrj
 
-
-class Host(nnx.Module):
-
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
+from layer_host import Host
 
 
 def _model(spec, fan_in=16, fan_out=12, seed=0):

@@ -11,20 +11,11 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.reparam import switchlora
 
-
-class Host(nnx.Module):
-
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
+from layer_host import attached_linear
 
 
 def _model(spec, fan_in=256, fan_out=128, seed=0):
-  model = Host(nnx.Linear(fan_in, fan_out, rngs=nnx.Rngs(seed)))
-  lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(seed + 1))
-  return model
+  return attached_linear(spec, fan_in, fan_out, seed)
 
 
 def _official_bounds(n, m, r):

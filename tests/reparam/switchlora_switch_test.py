@@ -10,14 +10,7 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.reparam import switchlora
 
-
-class Host(nnx.Module):
-
-  def __init__(self, layer):
-    self.layer = layer
-
-  def __call__(self, x):
-    return self.layer(x)
+from layer_host import Host
 
 
 def _model(spec, base=None, seed=0):
