@@ -116,6 +116,16 @@ def _peft_layer(kernel, bias, tuner="MissConfig", **config):
   return peft.get_peft_model(net, tuner_config), torch
 
 
+def _assert_matches_peft(model, peft_model, torch, key):
+  """Our layer's forward on random inputs and its merged kernel equal the PEFT layer's."""
+  x = np.asarray(jax.random.normal(key, (4, model.layer.view.fan_in)))
+  with torch.no_grad():
+    expected = peft_model(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+  merged = peft_model.merge_and_unload().layer.weight.detach().numpy().T
+  np.testing.assert_allclose(model.layer.effective_kernel(), merged, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("fan_in,rank,mini_r", [(13, 4, None), (12, 4, None), (13, 3, 4)])
 def test_miss_matches_peft(fan_in, rank, mini_r):
   fan_out = 12
@@ -130,12 +140,7 @@ def test_miss_matches_peft(fan_in, rank, mini_r):
   layer = peft_model.base_model.model.layer
   with torch.no_grad():
     layer.miss_block["default"].copy_(torch.from_numpy(block.copy()))
-  x = np.asarray(jax.random.normal(jax.random.key(6), (4, fan_in)))
-  with torch.no_grad():
-    expected = peft_model(torch.from_numpy(x)).numpy()
-  np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
-  merged = peft_model.merge_and_unload().layer.weight.detach().numpy().T
-  np.testing.assert_allclose(model.layer.effective_kernel(), merged, rtol=1e-6, atol=1e-6)
+  _assert_matches_peft(model, peft_model, torch, jax.random.key(6))
 
 
 def test_bat_matches_peft_and_its_block_formula():
@@ -157,10 +162,7 @@ def test_bat_matches_peft_and_its_block_formula():
   layer = peft_model.base_model.model.layer
   with torch.no_grad():
     layer.miss_block["default"].copy_(torch.from_numpy(blocks.astype(np.float32)))
-  x = np.asarray(jax.random.normal(jax.random.key(8), (4, fan_in)))
-  with torch.no_grad():
-    reference = peft_model(torch.from_numpy(x)).numpy()
-  np.testing.assert_allclose(model(x), reference, rtol=1e-5, atol=1e-5)
+  _assert_matches_peft(model, peft_model, torch, jax.random.key(8))
 
 
 def test_miss_update_is_one_shared_block():
@@ -203,12 +205,7 @@ def test_hut_matches_peft_hira_on_the_same_weights():
   with torch.no_grad():
     layer.hira_A["default"].copy_(torch.from_numpy(a.T.copy()))  # (r, in)
     layer.hira_B["default"].copy_(torch.from_numpy(b.T.copy()))  # (out, r)
-  x = np.asarray(jax.random.normal(jax.random.key(13), (4, fan_in)))
-  with torch.no_grad():
-    expected = peft_model(torch.from_numpy(x)).numpy()
-  np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
-  merged = peft_model.merge_and_unload().layer.weight.detach().numpy().T
-  np.testing.assert_allclose(model.layer.effective_kernel(), merged, rtol=1e-6, atol=1e-6)
+  _assert_matches_peft(model, peft_model, torch, jax.random.key(13))
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -102,9 +102,7 @@ def test_export_on_conv_loads_in_peft_with_same_outputs_and_merge(method, hp, wi
   x = _x()
   ours = np.asarray(net(jnp.asarray(x)))
   lrj_io.export_peft(net, str(tmp_path))
-  loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path)).double()
-  loaded.eval()
-  np.testing.assert_allclose(_torch_out(loaded, x), ours, rtol=1e-5, atol=1e-5)
+  loaded = twin._loaded_in_peft(torch_net, tmp_path, x, ours, torch_out=_torch_out)
   merged_torch = loaded.merge_and_unload()
   lrj.merge(net)
   for ours_conv, theirs in zip(net.convs, merged_torch.convs):

@@ -99,6 +99,14 @@ def _torch_out(model, x):
     return model(torch.from_numpy(x).double()).numpy()
 
 
+def _loaded_in_peft(torch_net, path, x, ours, torch_out=_torch_out, tol=1e-5):
+  """PEFT's model loaded from ``path`` onto ``torch_net`` (float64, eval), checked to give ``ours``."""
+  loaded = peft.PeftModel.from_pretrained(torch_net, str(path)).double()
+  loaded.eval()
+  np.testing.assert_allclose(torch_out(loaded, x), ours, rtol=tol, atol=tol)
+  return loaded
+
+
 def _attach(net, method, **hp):
   spec = lrj.adapters.get(method, **hp)
   lrj.attach(net, [(r"layers/\d/(query|value)|out", spec)], rngs=nnx.Rngs(5))
@@ -141,9 +149,7 @@ def test_export_loads_in_peft_with_same_outputs_and_merge(method, hp, tmp_path):
   x = _x()
   ours = np.asarray(net(jnp.asarray(x)))
   lrj_io.export_peft(net, str(tmp_path))
-  loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path)).double()
-  loaded.eval()
-  np.testing.assert_allclose(_torch_out(loaded, x), ours, rtol=1e-5, atol=1e-5)
+  loaded = _loaded_in_peft(torch_net, tmp_path, x, ours)
   # Merged weights equal PEFT's merge_and_unload.
   merged_torch = loaded.merge_and_unload()
   lrj.merge(net)
@@ -236,10 +242,8 @@ def test_weight_aware_export_recomputes_the_residual_in_peft(tmp_path):
   _randomize(net, seed=12)
   lrj_io.export_peft(net, str(tmp_path))
   assert json.load(open(tmp_path / "adapter_config.json"))["init_lora_weights"] == "pissa"
-  loaded = peft.PeftModel.from_pretrained(torch_net.float(), str(tmp_path)).double()
   x = _x(seed=13)
-  np.testing.assert_allclose(_torch_out(loaded, x), np.asarray(net(jnp.asarray(x))),
-                             rtol=1e-4, atol=1e-4)
+  _loaded_in_peft(torch_net.float(), tmp_path, x, np.asarray(net(jnp.asarray(x))), tol=1e-4)
 
 
 # -- bad input ---------------------------------------------------------------------
@@ -369,8 +373,7 @@ def test_other_methods_export_as_the_closest_low_rank_lora(tmp_path):
   errors = lrj_io.export_peft(net, str(tmp_path / "exact"), approximate_rank=2)
   assert set(errors) == {t.replace(".", "/") for t in TARGETS}
   assert max(errors.values()) < 1e-5
-  loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path / "exact")).double()
-  np.testing.assert_allclose(_torch_out(loaded, x), ours, rtol=1e-4, atol=1e-4)
+  _loaded_in_peft(torch_net, tmp_path / "exact", x, ours, tol=1e-4)
 
   # At rank 1 the file holds the best rank-1 update, and the reported error is its error.
   torch_net, _ = _twins(seed=14)

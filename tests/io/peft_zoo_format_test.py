@@ -79,10 +79,7 @@ def test_export_loads_in_peft_with_same_outputs_and_merge(method, hp, tmp_path, 
   assert lrj_io.export_peft(net, str(tmp_path)) == {}
   config = json.load(open(tmp_path / "adapter_config.json"))
   assert config["peft_type"] == {"bat": "MISS", "hut": "HIRA"}.get(method, method.upper())
-  loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path)).double()
-  loaded.eval()
-  np.testing.assert_allclose(twin._torch_out(loaded, x), ours, rtol=1e-5, atol=1e-5)
-  merged_torch = loaded.merge_and_unload()
+  merged_torch = twin._loaded_in_peft(torch_net, tmp_path, x, ours).merge_and_unload()
   lrj.merge(net)
   for name in twin.TARGETS:
     np.testing.assert_allclose(np.asarray(_layer(net, name).kernel[...]).T,
@@ -140,33 +137,31 @@ def test_boft_with_two_butterfly_factors_exports_to_peft(tmp_path, monkeypatch):
   twin._randomize(net)
   x = twin._x()
   lrj_io.export_peft(net, str(tmp_path))
-  loaded = peft.PeftModel.from_pretrained(torch_net, str(tmp_path)).double()
-  np.testing.assert_allclose(twin._torch_out(loaded, x), np.asarray(net(jnp.asarray(x))),
-                             rtol=1e-5, atol=1e-5)
+  twin._loaded_in_peft(torch_net, tmp_path, x, np.asarray(net(jnp.asarray(x))))
 
 
-def test_round_trip_through_the_file_keeps_every_leaf(tmp_path):
+def _round_trip(tmp_path, method, **hp):
+  """(ours, back): randomized ``method`` adapters and their export imported into a fresh twin,
+  checked to give the same outputs."""
   _, net = twin._twins()
-  twin._attach(net, "vera", rank=4)
+  twin._attach(net, method, **hp)
   twin._randomize(net)
   lrj_io.export_peft(net, str(tmp_path))
   _, fresh = twin._twins()
   lrj_io.import_peft(str(tmp_path), fresh)
   x = jnp.asarray(twin._x())
   np.testing.assert_allclose(np.asarray(fresh(x)), np.asarray(net(x)), rtol=1e-6, atol=1e-6)
+  return net, fresh
+
+
+def test_round_trip_through_the_file_keeps_every_leaf(tmp_path):
+  _, fresh = _round_trip(tmp_path, "vera", rank=4)
   assert fresh.out.vera_a is fresh.layers[0].query.vera_a  # one shared basis again
 
 
 @pytest.mark.parametrize("alpha", [None, 5.0])
 def test_hut_round_trip_through_the_peft_file(alpha, tmp_path):
-  _, net = twin._twins()
-  twin._attach(net, "hut", rank=3, alpha=alpha)
-  twin._randomize(net)
-  lrj_io.export_peft(net, str(tmp_path))
-  _, fresh = twin._twins()
-  lrj_io.import_peft(str(tmp_path), fresh)
-  x = jnp.asarray(twin._x())
-  np.testing.assert_allclose(np.asarray(fresh(x)), np.asarray(net(x)), rtol=1e-6, atol=1e-6)
+  net, fresh = _round_trip(tmp_path, "hut", rank=3, alpha=alpha)
   for (path, ours), (_, back) in zip(adapter_sites(net), adapter_sites(fresh)):
     assert back.spec == lrj.adapters.hut(rank=3), path  # PEFT's HiRA is HUT at alpha = r
     np.testing.assert_array_equal(back.hut_a[...], ours.hut_a[...], err_msg=path)
@@ -186,10 +181,8 @@ def test_fourierft_from_peft_exports_back_exactly_and_native_locations_are_refus
   twin._randomize(net, seed=6)  # train ours further, then send it back to PEFT
   lrj_io.export_peft(net, str(tmp_path / "ours"))
   fresh_torch, _ = twin._twins(seed=3)
-  loaded = peft.PeftModel.from_pretrained(fresh_torch, str(tmp_path / "ours")).double()
   x = twin._x(seed=7)
-  np.testing.assert_allclose(twin._torch_out(loaded, x), np.asarray(net(jnp.asarray(x))),
-                             rtol=1e-5, atol=1e-5)
+  twin._loaded_in_peft(fresh_torch, tmp_path / "ours", x, np.asarray(net(jnp.asarray(x))))
 
   _, native = twin._twins()
   twin._attach(native, "fourierft", n_frequency=9, seed=5)
