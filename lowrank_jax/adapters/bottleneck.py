@@ -53,10 +53,6 @@ ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu, "t
                "identity": lambda z: z}
 
 
-def _check_rank(name: str, rank) -> None:
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-    raise ValueError(f"{name}: rank must be a positive integer, got {rank!r}.")
-
 
 # -- AdapterTune ----------------------------------------------------------------
 @adapter_base.register
@@ -76,7 +72,7 @@ class AdapterTuneSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    _check_rank(self.name, self.rank)
+    layers.check_positive_int(self.name, "rank", self.rank)
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"{self.name}: unknown activation {self.activation!r}; known: "
                        f"{sorted(ACTIVATIONS)}.")
@@ -161,7 +157,7 @@ class MAPSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    _check_rank(self.name, self.rank)
+    layers.check_positive_int(self.name, "rank", self.rank)
     if not self.init_scale > 0:
       raise ValueError(f"{self.name}: init_scale must be > 0, got {self.init_scale!r}.")
 

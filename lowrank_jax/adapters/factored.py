@@ -60,14 +60,6 @@ SIGMA_PLACES = ("none", "a", "b")
 TRAINABLE = ("a", "core", "b", "bias", "magnitude")
 
 
-def _positive_int(value, what: str, name: str, allow_none: bool = False) -> None:
-  if allow_none and value is None:
-    return
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"{name}: {what} must be a positive integer{' or None' if allow_none else ''}, "
-                     f"got {value!r}.")
-
-
 def _choice(value, allowed, what: str, name: str) -> None:
   if value not in allowed:
     raise ValueError(f"{name}: {what} must be one of {list(allowed)}, got {value!r}.")
@@ -137,15 +129,15 @@ class FactoredSpec(adapter_base.AdapterSpec):
 
   def __post_init__(self):
     name = self.name
-    _positive_int(self.rank, "rank", name, allow_none=True)
+    layers.check_positive_int(name, "rank", self.rank, allow_none=True)
     if self.alpha is not None and not self.alpha > 0:
       raise ValueError(f"{name}: alpha must be > 0 (or None for scale 1), got {self.alpha!r}.")
     _choice(self.init, factored_init.OUTER_INITS, "init", name)
     _choice(self.sigma, SIGMA_PLACES, "sigma", name)
     _choice(self.core, CORES, "core", name)
     _choice(self.core_init, CORE_INITS, "core_init", name)
-    _positive_int(self.core_k, "core_k", name)
-    _positive_int(self.core_rank, "core_rank", name)
+    layers.check_positive_int(name, "core_k", self.core_k)
+    layers.check_positive_int(name, "core_rank", self.core_rank)
     if not isinstance(self.train, tuple) or any(t not in TRAINABLE for t in self.train):
       raise ValueError(f"{name}: train must be a tuple of names from {list(TRAINABLE)}, "
                        f"got {self.train!r}.")

@@ -265,6 +265,15 @@ def view_of(module: Any, path: str = "") -> LayerView:
 SUPPORTED_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
 
 
+def check_positive_int(method: str, name: str, value: Any, allow_none: bool = False) -> None:
+  """Raise a clear error unless ``value`` is a positive int (or None if allowed)."""
+  if allow_none and value is None:
+    return
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    allowed = "a positive integer or None" if allow_none else "a positive integer"
+    raise ValueError(f"{method}: {name} must be {allowed}, got {value!r}.")
+
+
 def check_rank_fits(method: str, path: str, rank: int, limit: int, what: str,
                     why: str = "") -> None:
   """Raise unless ``rank <= limit``; the error names the method, the layer path and the bound."""

@@ -106,8 +106,7 @@ class LoRASpec(adapter_base.AdapterSpec):
   interpret: bool = False
 
   def __post_init__(self):
-    if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-      raise ValueError(f"{self.name}: rank must be a positive integer, got {self.rank!r}.")
+    layers.check_positive_int(self.name, "rank", self.rank)
     if self.alpha is not None and not self.alpha > 0:
       raise ValueError(f"{self.name}: alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}.")
     if not 0.0 <= self.dropout < 1.0:

@@ -104,9 +104,9 @@ class CoMoLSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    products.check_positive_int(self.name, "rank", self.rank)
-    products.check_positive_int(self.name, "experts", self.experts)
-    products.check_positive_int(self.name, "top_k", self.top_k, allow_none=True)
+    layers.check_positive_int(self.name, "rank", self.rank)
+    layers.check_positive_int(self.name, "experts", self.experts)
+    layers.check_positive_int(self.name, "top_k", self.top_k, allow_none=True)
     if self.top_k is not None and self.top_k > self.experts:
       raise ValueError(f"{self.name}: top_k={self.top_k} exceeds experts={self.experts}.")
     if self.alpha is not None and not self.alpha > 0:

@@ -151,8 +151,8 @@ class OFTSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    products.check_positive_int(self.name, "block_size", self.block_size, allow_none=True)
-    products.check_positive_int(self.name, "num_blocks", self.num_blocks, allow_none=True)
+    layers.check_positive_int(self.name, "block_size", self.block_size, allow_none=True)
+    layers.check_positive_int(self.name, "num_blocks", self.num_blocks, allow_none=True)
     _check_neumann(self.name, self.cayley_neumann_order)
     if self.block_size is not None and self.num_blocks is not None:
       raise ValueError(f"{self.name}: give block_size or num_blocks, not both.")
@@ -243,9 +243,9 @@ class BOFTSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    products.check_positive_int(self.name, "butterfly_factors", self.butterfly_factors)
-    products.check_positive_int(self.name, "block_size", self.block_size, allow_none=True)
-    products.check_positive_int(self.name, "num_blocks", self.num_blocks, allow_none=True)
+    layers.check_positive_int(self.name, "butterfly_factors", self.butterfly_factors)
+    layers.check_positive_int(self.name, "block_size", self.block_size, allow_none=True)
+    layers.check_positive_int(self.name, "num_blocks", self.num_blocks, allow_none=True)
     _check_neumann(self.name, self.cayley_neumann_order)
     if self.block_size is not None and self.num_blocks is not None:
       raise ValueError(f"{self.name}: give block_size or num_blocks, not both.")
@@ -341,7 +341,7 @@ class HRASpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    products.check_positive_int(self.name, "rank", self.rank)
+    layers.check_positive_int(self.name, "rank", self.rank)
     if self.rank % 2:
       raise ValueError(f"{self.name}: rank must be even (the reflections start in identical pairs "
                        f"so that the product is I), got {self.rank}.")

@@ -48,15 +48,6 @@ def uniform_fan_in(key: Array, shape: Sequence[int], fan_in: int, gain: float = 
   return jax.random.uniform(key, tuple(shape), jnp.float32, -bound, bound)
 
 
-def check_positive_int(method: str, name: str, value: Any, allow_none: bool = False) -> None:
-  """Raise a clear error unless ``value`` is a positive int (or None if allowed)."""
-  if allow_none and value is None:
-    return
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    allowed = "a positive integer or None" if allow_none else "a positive integer"
-    raise ValueError(f"{method}: {name} must be {allowed}, got {value!r}.")
-
-
 def param_dtype(spec: Any, base: nnx.Module):
   """The adapter parameter dtype: ``spec.param_dtype`` or the base kernel's."""
   return spec.param_dtype or base.kernel.dtype
@@ -123,14 +114,14 @@ class VeRASpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    check_positive_int(self.name, "rank", self.rank)
+    layers.check_positive_int(self.name, "rank", self.rank)
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"{self.name}: dropout must be in [0, 1), got {self.dropout!r}.")
     if self.basis_shape is not None:
       if len(self.basis_shape) != 2:
         raise ValueError(f"{self.name}: basis_shape must be (in_dim, out_dim), got {self.basis_shape!r}.")
       for dim in self.basis_shape:
-        check_positive_int(self.name, "basis_shape entries", dim)
+        layers.check_positive_int(self.name, "basis_shape entries", dim)
 
   def shared_state(self, sites, *, rngs) -> VeRABasis:
     del rngs  # the basis comes from projection_seed, so it is reproducible
@@ -235,7 +226,7 @@ class LoHaSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    check_positive_int(self.name, "rank", self.rank)
+    layers.check_positive_int(self.name, "rank", self.rank)
     if self.alpha is not None and not self.alpha > 0:
       raise ValueError(f"{self.name}: alpha must be > 0 or None, got {self.alpha!r}.")
 
@@ -336,7 +327,7 @@ def _check_kron_shape_arg(method: str, kron_shape) -> None:
   if len(kron_shape) != 2:
     raise ValueError(f"{method}: kron_shape must be a (p, q) pair or None, got {kron_shape!r}.")
   for dim in kron_shape:
-    check_positive_int(method, "kron_shape entries", dim)
+    layers.check_positive_int(method, "kron_shape entries", dim)
 
 
 class LoKrShapes(NamedTuple):
@@ -391,11 +382,11 @@ class LoKrSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    check_positive_int(self.name, "rank", self.rank)
+    layers.check_positive_int(self.name, "rank", self.rank)
     if self.alpha is not None and not self.alpha > 0:
       raise ValueError(f"{self.name}: alpha must be > 0 or None, got {self.alpha!r}.")
     if self.decompose_factor != -1:
-      check_positive_int(self.name, "decompose_factor (or -1)", self.decompose_factor)
+      layers.check_positive_int(self.name, "decompose_factor (or -1)", self.decompose_factor)
     _check_kron_shape_arg(self.name, self.kron_shape)
 
   @property
@@ -506,7 +497,7 @@ class CompacterSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    check_positive_int(self.name, "n", self.n, allow_none=True)
+    layers.check_positive_int(self.name, "n", self.n, allow_none=True)
     _check_kron_shape_arg(self.name, self.a_shape)
 
   def resolve(self, sites: Sequence[tuple[str, layers.LayerView]]) -> tuple[int, int, int]:
@@ -603,7 +594,7 @@ class SoKASpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    check_positive_int(self.name, "terms", self.terms)
+    layers.check_positive_int(self.name, "terms", self.terms)
     if self.energy is not None and not 0.0 < self.energy <= 1.0:
       raise ValueError(f"{self.name}: energy must be in (0, 1] or None, got {self.energy!r}.")
     _check_kron_shape_arg(self.name, self.kron_shape)

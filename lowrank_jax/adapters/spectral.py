@@ -128,8 +128,7 @@ class SpectralSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    if not isinstance(self.n_frequency, int) or isinstance(self.n_frequency, bool) or self.n_frequency < 1:
-      raise ValueError(f"{self.name}: n_frequency must be a positive integer, got {self.n_frequency!r}.")
+    layers.check_positive_int(self.name, "n_frequency", self.n_frequency)
 
   def validate(self, view: layers.LayerView, path: str) -> None:
     entries = view.fan_in * view.fan_out

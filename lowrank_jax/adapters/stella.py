@@ -90,8 +90,7 @@ class StellaSpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-      raise ValueError(f"stella: rank must be a positive integer, got {self.rank!r}.")
+    layers.check_positive_int("stella", "rank", self.rank)
     if self.alpha is not None and not self.alpha > 0:
       raise ValueError(f"stella: alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}.")
     if self.init not in INITS:

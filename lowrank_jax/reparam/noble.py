@@ -106,8 +106,7 @@ class NOBLESpec(adapter_base.AdapterSpec):
   param_dtype: Any = None
 
   def __post_init__(self):
-    if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-      raise ValueError(f"noble: rank must be a positive integer, got {self.rank!r}.")
+    layers.check_positive_int("noble", "rank", self.rank)
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"noble: activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
     if not 0 < self.min_freq <= self.max_freq:

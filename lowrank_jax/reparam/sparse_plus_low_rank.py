@@ -91,10 +91,6 @@ def _check_sparsity(name: str, sparsity: float) -> None:
     raise ValueError(f"{name}: sparsity must be in the open interval (0, 1), got {sparsity!r}.")
 
 
-def _check_rank(name: str, rank: int) -> None:
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-    raise ValueError(f"{name}: rank must be a positive integer, got {rank!r}.")
-
 
 @adapter_base.register
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +109,7 @@ class SLTrainSpec(adapter_base.AdapterSpec):
   sparsity: float = 0.03
 
   def __post_init__(self):
-    _check_rank(self.name, self.rank)
+    layers.check_positive_int(self.name, "rank", self.rank)
     _check_sparsity(self.name, self.sparsity)
 
   @property

@@ -63,8 +63,7 @@ class SSTSpec(adapter_base.AdapterSpec):
   rank: int = 4
 
   def __post_init__(self):
-    if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-      raise ValueError(f"sst: rank must be a positive integer, got {self.rank!r}.")
+    layers.check_positive_int("sst", "rank", self.rank)
 
   def build(self, base, *, rngs, calibration=None, path=""):
     del calibration
