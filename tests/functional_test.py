@@ -22,7 +22,8 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax import functional
 
-from layer_host import Host
+from lrj_testing import Host
+from lrj_testing import randomized
 
 # kind: (NNX layer, Linen twin, input shape); the same layers as the adapter contract suite.
 KINDS = {
@@ -80,13 +81,6 @@ def _plain(seed):
   return model, fn, params, jax.random.normal(jax.random.key(seed + 2), (3, 12))
 
 
-def _randomized(tree, seed, scale=0.3):
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      treedef, [l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
-
-
 def _nnx_adapter_params(model):
   return nnx.to_pure_dict(nnx.state(model, lrj.AdapterParam))["layer"]
 
@@ -134,7 +128,7 @@ def test_linen_matches_attach(name, kind):
   if model.layer.identity_at_init:
     np.testing.assert_allclose(y_init, linen.apply(variables, x), rtol=1e-5, atol=1e-5)
   # After training-like changes of the adapter params: same outputs, unmerged and merged.
-  trained = _randomized(adapter_params, seed + 4)
+  trained = randomized(adapter_params, seed + 4, 0.3)
   _set_nnx_adapter_params(model, trained["params/layer"])
   y = jax.jit(adapted)(trained, variables, x)
   np.testing.assert_allclose(y, model(x), **TOL)
@@ -169,7 +163,7 @@ def test_plain_function_matches_attach(name):
                                              calibration=_calibration(spec, "w", view, seed))
   _assert_trees_close(adapter_params["w"], _nnx_adapter_params(model), rtol=0, atol=0)
   model.eval()
-  trained = _randomized(adapter_params, seed + 4)
+  trained = randomized(adapter_params, seed + 4, 0.3)
   _set_nnx_adapter_params(model, trained["w"])
   # A plain function has no layer call to route, nor a bias known to belong to 'w': methods
   # that are not mergeable or that train a bias are refused there.
@@ -193,7 +187,7 @@ def test_optimizer_on_adapter_params_lowers_loss_without_recompiles(name):
       linen.apply, variables, [("params/layer", spec)], key=jax.random.key(1),
       calibration=_calibration(spec, "params/layer", lrj.adapters.view_of(model.layer), seed))
   # Target: the same method with random adapter parameters, within reach of every method.
-  target = adapted(_randomized(adapter_params, seed, scale=0.5), variables, x)
+  target = adapted(randomized(adapter_params, seed, 0.5), variables, x)
   tx = optax.adam(3e-2)
   opt_state = tx.init(adapter_params)
   traces = []
@@ -239,7 +233,7 @@ def test_linen_dense_without_example_args_and_nested_paths():
   assert sorted(adapter_params) == ["params/block_0/query", "params/block_1/query"]
   np.testing.assert_allclose(adapted(adapter_params, variables, x), net.apply(variables, x),
                              rtol=1e-6, atol=1e-6)
-  trained = _randomized(adapter_params, 3)
+  trained = randomized(adapter_params, 3, 0.3)
   np.testing.assert_allclose(adapted(trained, variables, x),
                              net.apply(adapted.merge(trained, variables), x), rtol=2e-5, atol=2e-5)
 
@@ -268,7 +262,7 @@ def test_peft_export_matches_nnx_export(tmp_path):
   key = jax.random.key(1)
   lrj.attach(model, [("layer", spec)], rngs=nnx.Rngs(key))
   adapted, adapter_params = functional.adapt(linen.apply, variables, [("params/layer", spec)], key=key)
-  trained = _randomized(adapter_params, 2)
+  trained = randomized(adapter_params, 2, 0.3)
   _set_nnx_adapter_params(model, trained["params/layer"])
   from lowrank_jax.io import peft  # pylint: disable=g-import-not-at-top
   peft.export_peft(model, str(tmp_path / "nnx"))
@@ -332,7 +326,7 @@ def test_linen_vit_twin_matches_nnx_vit_with_adapters():
   adapted, adapter_params = functional.adapt(
       linen.apply, variables, [(r"params/blocks_\d+/(attn/query|mlp/up)", spec)],
       key=jax.random.key(3))
-  trained = _randomized(adapter_params, 4)
+  trained = randomized(adapter_params, 4, 0.3)
   state = nnx.state(model, lrj.AdapterParam)
   nnx.replace_by_pure_dict(state, {"blocks": {
       i: {"attn": {"query": trained[f"params/blocks_{i}/attn/query"]},
@@ -347,7 +341,7 @@ def test_adapter_dropout_only_with_a_dropout_key():
   adapted, adapter_params = functional.adapt(
       linen.apply, variables, [("params/layer", lrj.adapters.lora(rank=2, dropout=0.5))],
       key=jax.random.key(0))
-  trained = _randomized(adapter_params, 1)
+  trained = randomized(adapter_params, 1, 0.3)
   deterministic = adapted(trained, variables, x)
   np.testing.assert_array_equal(deterministic, adapted(trained, variables, x))
   first = adapted(trained, variables, x, dropout_key=jax.random.key(1))
@@ -376,7 +370,7 @@ def test_dataclass_pytree_with_out_in_weight():
                                              key=jax.random.key(2))
   assert adapter_params["weight"]["lora_a"].shape == (6, 2)  # read as (fan_in, fan_out) = (6, 9)
   np.testing.assert_allclose(adapted(adapter_params, layer, x), fn(layer, x), rtol=1e-6, atol=1e-6)
-  trained = _randomized(adapter_params, 3)
+  trained = randomized(adapter_params, 3, 0.3)
   merged = adapted.merge(trained, layer)
   assert isinstance(merged, Linear)
   np.testing.assert_allclose(adapted(trained, layer, x), fn(merged, x), rtol=1e-6, atol=1e-6)

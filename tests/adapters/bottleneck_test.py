@@ -9,15 +9,8 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.adapters import bottleneck
 
-from layer_host import Host
-
-
-def _randomize(model, seed):
-  state = nnx.state(model, lrj.AdapterParam)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(model, treedef.unflatten(
-      [x + 0.5 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
+from lrj_testing import Host
+from lrj_testing import randomize_adapters
 
 
 def test_adaptertune_is_a_residual_bottleneck_on_the_output():
@@ -27,7 +20,7 @@ def test_adaptertune_is_a_residual_bottleneck_on_the_output():
   lrj.attach(model, [("layer", lrj.adapters.adaptertune(rank=2, activation="relu"))],
              rngs=nnx.Rngs(2))
   np.testing.assert_allclose(model(x), h, atol=1e-6)  # U = 0
-  _randomize(model, 3)
+  randomize_adapters(model, 3, 0.5)
   d, u = np.asarray(model.layer.down[...]), np.asarray(model.layer.up[...])
   expected = np.asarray(h) + np.maximum(np.asarray(h) @ d, 0) @ u
   np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
@@ -39,7 +32,7 @@ def test_adaptertune_on_einsum_acts_on_the_feature_axes():
   h = np.asarray(model(x))
   lrj.attach(model, [("layer", lrj.adapters.adaptertune(rank=2, activation="tanh"))],
              rngs=nnx.Rngs(2))
-  _randomize(model, 3)
+  randomize_adapters(model, 3, 0.5)
   d, u = np.asarray(model.layer.down[...]), np.asarray(model.layer.up[...])
   rows = h.reshape(2, 3, 6)
   expected = (rows + np.tanh(rows @ d) @ u).reshape(h.shape)
@@ -62,7 +55,7 @@ def test_map_formula_and_identity_at_init():
   adapter = model.layer
   np.testing.assert_allclose(model(x), y0, rtol=1e-6, atol=1e-6)
   assert float(jnp.abs(adapter.lora_b[...]).max()) > 0  # the direction is defined at init
-  _randomize(model, 3)
+  randomize_adapters(model, 3, 0.5)
   a, b = np.asarray(adapter.lora_a[...]), np.asarray(adapter.lora_b[...])
   alpha = float(adapter.alpha_rel[...]) * np.linalg.norm(w0)
   beta = float(adapter.beta_rel[...]) * np.linalg.norm(w0)

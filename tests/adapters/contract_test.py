@@ -16,7 +16,8 @@ from flax import nnx
 
 import lowrank_jax as lrj
 
-from layer_host import Host
+from lrj_testing import Host
+from lrj_testing import randomize_adapters
 
 # Base layer kinds: constructor and input shape. Every kind has fan_in, fan_out >= 8.
 BASES = {
@@ -70,14 +71,6 @@ def _attach(model, name, seed):
   return spec
 
 
-def _randomize_adapter(model, seed, scale=0.3):
-  state = nnx.state(model, lrj.AdapterParam)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
-  nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
-
-
 @pytest.mark.parametrize("name,kind", CASES, ids=IDS)
 def test_identity_at_init_and_param_count(name, kind):
   model, x = _make(name, kind)
@@ -104,7 +97,7 @@ def test_merge_unmerge_and_merge_match_adapted_forward(name, kind):
   """keep_adapters merge, unmerge and a full merge all give the adapted function."""
   model, x = _make(name, kind, salt=1)
   _attach(model, name, seed=2)
-  _randomize_adapter(model, seed=3)
+  randomize_adapters(model, 3, 0.3)
   model.eval()
   y_adapted = model(x)
   adapter = model.layer
@@ -134,7 +127,7 @@ def test_merge_unmerge_and_merge_match_adapted_forward(name, kind):
 def test_grads_only_for_adapter_params_under_jit(name, kind):
   model, x = _make(name, kind, salt=3)
   _attach(model, name, seed=6)
-  _randomize_adapter(model, seed=7)
+  randomize_adapters(model, 7, 0.3)
   model.eval()
   graphdef, adapter_state, rest = nnx.split(model, lrj.AdapterParam, ...)
 
@@ -164,7 +157,7 @@ def test_bfloat16_params(name, kind):
   nnx.update(model16, jax.tree_util.tree_map(lambda v: v.astype(jnp.bfloat16), nnx.state(model32)))
   _attach(model32, name, seed=8)
   _attach(model16, name, seed=8)
-  _randomize_adapter(model32, seed=9)
+  randomize_adapters(model32, 9, 0.3)
   nnx.update(model16, jax.tree_util.tree_map(lambda v: v.astype(jnp.bfloat16),
                                              nnx.state(model32, lrj.AdapterParam)))
   model32.eval(), model16.eval()
@@ -205,7 +198,7 @@ def test_optimizer_on_adapter_params_lowers_regression_loss(name, kind):
   # it is within reach of every method (a random output perturbation is not for
   # methods with few parameters, e.g. Bat with 1x1 blocks on a coprime layer).
   init_state = jax.tree_util.tree_map(jnp.copy, nnx.state(model, lrj.AdapterParam))
-  _randomize_adapter(model, seed=11, scale=0.5)
+  randomize_adapters(model, 11, 0.5)
   target = model(x)
   nnx.update(model, init_state)
   optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=lrj.AdapterParam)

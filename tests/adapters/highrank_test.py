@@ -17,7 +17,7 @@ from flax import nnx
 
 import lowrank_jax as lrj
 
-from layer_host import Host
+from lrj_testing import Host
 
 
 def _linear(fan_in, fan_out, seed=0):

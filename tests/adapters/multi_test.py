@@ -9,7 +9,7 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.adapters import multi
 
-from layer_host import Host
+from lrj_testing import Host
 
 SPECS = {"math": lrj.adapters.lora(rank=2, alpha=4.0), "code": lrj.adapters.lora(rank=3),
          "chat": lrj.adapters.lora(rank=1, rslora=True, alpha=2.0)}

@@ -11,7 +11,7 @@ from lowrank_jax import calibrate
 from lowrank_jax import linalg
 from lowrank_jax.adapters import spectral
 
-from layer_host import Host
+from lrj_testing import Host
 
 
 def _linear(fan_in=12, fan_out=10, seed=0):

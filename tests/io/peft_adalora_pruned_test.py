@@ -23,6 +23,8 @@ from lowrank_jax import io as lrj_io
 from lowrank_jax.adapters.adalora import BudgetAllocator
 from lowrank_jax.attach import adapters as adapter_sites
 
+from lrj_testing import randomize_adapters
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -73,7 +75,7 @@ def test_a_peft_pruned_adapter_imports_with_peft_outputs_and_masks(tmp_path):
 def test_our_pruned_adapter_exports_as_peft_saves_it_and_loads_in_peft(tmp_path):
   torch_net, net = twin._twins()
   twin._attach(net, "adalora", rank=INIT_R, alpha=5.0)
-  twin._randomize(net)
+  randomize_adapters(net, 2, 0.3)
   allocator = BudgetAllocator(net, target_rank=TARGET_R, total_step=STEPS, tfinal=TFINAL)
   x = jnp.asarray(twin._x())
   loss = lambda m: jnp.mean(m(x) ** 2)

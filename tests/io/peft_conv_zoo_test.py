@@ -21,6 +21,8 @@ from lowrank_jax import io as lrj_io
 from lowrank_jax.adapters.adalora import BudgetAllocator
 from lowrank_jax.attach import adapters as adapter_sites
 
+from lrj_testing import randomize_adapters
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
@@ -96,7 +98,7 @@ def test_export_on_conv_loads_in_peft_with_same_outputs_and_merge(method, hp, wi
                                                                   tmp_path):
   torch_net, net = _twins(windows)
   lrj.attach(net, [(r"convs/\d", lrj.adapters.get(method, **hp))], rngs=nnx.Rngs(5))
-  twin._randomize(net)
+  randomize_adapters(net, 2, 0.3)
   if edit is not None:
     edit(net)
   x = _x()

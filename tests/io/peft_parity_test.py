@@ -19,6 +19,8 @@ import lowrank_jax as lrj
 from lowrank_jax import io as lrj_io
 from lowrank_jax.attach import adapters as adapter_sites
 
+from lrj_testing import randomize_adapters
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
@@ -112,14 +114,6 @@ def _attach(net, method, **hp):
   lrj.attach(net, [(r"layers/\d/(query|value)|out", spec)], rngs=nnx.Rngs(5))
 
 
-def _randomize(net, seed=2):
-  state = nnx.state(net, lrj.AdapterParam)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(net, jax.tree_util.tree_unflatten(
-      treedef, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
-
-
 def _perturb_trained(model, trained, seed=4):
   """Move PEFT's parameters whose names contain ``trained`` off their init (float32 values)."""
   torch.manual_seed(seed)
@@ -145,7 +139,7 @@ CASES = [
 def test_export_loads_in_peft_with_same_outputs_and_merge(method, hp, tmp_path):
   torch_net, net = _twins()
   _attach(net, method, **hp)
-  _randomize(net)
+  randomize_adapters(net, 2, 0.3)
   x = _x()
   ours = np.asarray(net(jnp.asarray(x)))
   lrj_io.export_peft(net, str(tmp_path))
@@ -184,7 +178,7 @@ def test_import_of_a_peft_adapter_gives_peft_outputs(use_dora, tmp_path):
 def test_one_sgd_step_with_the_same_gradient_matches(method, tmp_path):
   torch_net, net = _twins(seed=6)
   _attach(net, method, rank=2, alpha=4.0)
-  _randomize(net, seed=7)
+  randomize_adapters(net, 7, 0.3)
   lrj_io.export_peft(net, str(tmp_path))
   model = peft.PeftModel.from_pretrained(torch_net, str(tmp_path), is_trainable=True).double()
   x = _x(seed=8)
@@ -239,7 +233,7 @@ def test_deterministic_inits_equal_peft_up_to_sign(init, tmp_path):
 def test_weight_aware_export_recomputes_the_residual_in_peft(tmp_path):
   torch_net, net = _twins(seed=11)
   _attach(net, "lora", rank=2, alpha=2.0, init="pissa")
-  _randomize(net, seed=12)
+  randomize_adapters(net, 12, 0.3)
   lrj_io.export_peft(net, str(tmp_path))
   assert json.load(open(tmp_path / "adapter_config.json"))["init_lora_weights"] == "pissa"
   x = _x(seed=13)

@@ -19,6 +19,8 @@ import lowrank_jax as lrj
 from lowrank_jax import io as lrj_io
 from lowrank_jax.attach import adapters as adapter_sites
 
+from lrj_testing import randomize_adapters
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -73,7 +75,7 @@ def test_export_loads_in_peft_with_same_outputs_and_merge(method, hp, tmp_path, 
   _boft_extension(monkeypatch)
   torch_net, net = twin._twins()
   twin._attach(net, method, **hp)
-  twin._randomize(net)
+  randomize_adapters(net, 2, 0.3)
   x = twin._x()
   ours = np.asarray(net(jnp.asarray(x)))
   assert lrj_io.export_peft(net, str(tmp_path)) == {}
@@ -134,7 +136,7 @@ def test_boft_with_two_butterfly_factors_exports_to_peft(tmp_path, monkeypatch):
   torch_net, net = twin._twins()
   lrj.attach(net, [(r"layers/0/(query|value)", lrj.adapters.boft(butterfly_factors=2, block_size=2))],
              rngs=nnx.Rngs(0))
-  twin._randomize(net)
+  randomize_adapters(net, 2, 0.3)
   x = twin._x()
   lrj_io.export_peft(net, str(tmp_path))
   twin._loaded_in_peft(torch_net, tmp_path, x, np.asarray(net(jnp.asarray(x))))
@@ -145,7 +147,7 @@ def _round_trip(tmp_path, method, **hp):
   checked to give the same outputs."""
   _, net = twin._twins()
   twin._attach(net, method, **hp)
-  twin._randomize(net)
+  randomize_adapters(net, 2, 0.3)
   lrj_io.export_peft(net, str(tmp_path))
   _, fresh = twin._twins()
   lrj_io.import_peft(str(tmp_path), fresh)
@@ -178,7 +180,7 @@ def test_fourierft_from_peft_exports_back_exactly_and_native_locations_are_refus
   model = peft.get_peft_model(torch_net, config).double()
   model.save_pretrained(str(tmp_path / "theirs"))  # init_weights=False: random spectrum
   lrj_io.import_peft(str(tmp_path / "theirs"), net)
-  twin._randomize(net, seed=6)  # train ours further, then send it back to PEFT
+  randomize_adapters(net, 6, 0.3)  # train ours further, then send it back to PEFT
   lrj_io.export_peft(net, str(tmp_path / "ours"))
   fresh_torch, _ = twin._twins(seed=3)
   x = twin._x(seed=7)

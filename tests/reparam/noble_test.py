@@ -12,15 +12,8 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.reparam import noble
 
-from layer_host import Host
-
-
-def _randomize(model, seed, scale=0.5):
-  state = nnx.state(model, lrj.AdapterParam)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(model, jax.tree_util.tree_unflatten(
-      treedef, [v + scale * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
+from lrj_testing import Host
+from lrj_testing import randomize_adapters
 
 
 def _leaves(layer):
@@ -49,7 +42,7 @@ def test_linear_forward_is_the_branch_formula(activation):
   model = Host(base)
   lrj.attach(model, [("layer", lrj.adapters.noble(rank=5, activation=activation))],
              rngs=nnx.Rngs(2))
-  _randomize(model, seed=3)
+  randomize_adapters(model, 3, 0.5)
   x = np.asarray(jax.random.normal(jax.random.key(4), (7, 12)), np.float64)
   expected = _reference(_leaves(model.layer), x, np.asarray(base.bias[...], np.float64), activation)
   np.testing.assert_allclose(model(jnp.asarray(x, jnp.float32)), expected, rtol=2e-5, atol=2e-5)
@@ -60,7 +53,7 @@ def test_conv_forward_is_the_branch_formula_on_flattened_patches():
   base = nnx.Conv(3, 6, kernel_size=(2, 2), padding="VALID", rngs=nnx.Rngs(0))
   model = Host(base)
   lrj.attach(model, [("layer", lrj.adapters.noble(rank=4))], rngs=nnx.Rngs(1))
-  _randomize(model, seed=2)
+  randomize_adapters(model, 2, 0.5)
   x = jax.random.normal(jax.random.key(3), (5, 2, 2, 3))
   p = _leaves(model.layer)
   p["kernel"] = p["kernel"].reshape(12, 6)

@@ -11,7 +11,7 @@ import lowrank_jax as lrj
 from lowrank_jax.reparam import events
 from lowrank_jax.reparam import poet
 
-from layer_host import attached_linear
+from lrj_testing import attached_linear
 
 
 def _model(spec, fan_in=16, fan_out=12, seed=0):

@@ -10,7 +10,8 @@ from flax import nnx
 
 import lowrank_jax as lrj
 
-from layer_host import Host
+from lrj_testing import Host
+from lrj_testing import randomize_adapters
 
 
 def _model(spec, fan_in=16, fan_out=12, seed=0):
@@ -75,14 +76,6 @@ def test_sltrain_support_stays_fixed_while_values_train():
   np.testing.assert_allclose(low_rank[off_support], 0.0, atol=1e-6)
 
 
-def _perturbed(model, seed=11):
-  state = nnx.state(model, lrj.AdapterParam)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(model, jax.tree_util.tree_unflatten(
-      treedef, [l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]))
-
-
 def _lost_leaves(layer):
   """(A, B, kept input channels I, W_s (len(I), fan_out)) from the leaves, in float64."""
   a, b = np.asarray(layer.lora_a[...], np.float64), np.asarray(layer.lora_b[...], np.float64)
@@ -133,7 +126,7 @@ def test_lost_output_is_the_gamma_weighted_sum_of_its_branches(activation):
   gamma, alpha, rank = 0.7, 8.0, 4
   model, _, bias = _model(lrj.adapters.lost(rank=rank, alpha=alpha, sparsity=0.25, gamma=gamma,
                                             activation=activation))
-  _perturbed(model)
+  randomize_adapters(model, 11, 0.3)
   a, b, channels, values = _lost_leaves(model.layer)
   sigma = {"identity": lambda z: z, "silu": lambda z: z / (1 + np.exp(-z))}[activation]
   x = np.asarray(jax.random.normal(jax.random.key(4), (2, 3, 16)), np.float64)

@@ -10,7 +10,7 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.reparam import sst
 
-from layer_host import Host
+from lrj_testing import Host
 
 
 def _model(spec, seed=0):

@@ -11,7 +11,7 @@ from flax import nnx
 import lowrank_jax as lrj
 from lowrank_jax.reparam import switchlora
 
-from layer_host import attached_linear
+from lrj_testing import attached_linear
 
 
 def _model(spec, fan_in=256, fan_out=128, seed=0):
