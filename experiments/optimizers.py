@@ -62,19 +62,12 @@ def build(config, model=None) -> optax.GradientTransformation:
   kwargs = o.kwargs.to_dict() if hasattr(o.kwargs, "to_dict") else dict(o.kwargs)
   factory = lookup(o.name)
   make_tx = lambda learning_rate: factory(learning_rate=learning_rate, **kwargs)
-  multipliers = {} if model is None else _lr_multipliers(model)
-  if multipliers:
-    from lowrank_jax.optim import labels  # pylint: disable=g-import-not-at-top
-    tx = labels.partition_by_multiplier(
-        make_tx, schedule(config), lambda path, _: multipliers.get(labels.key_names(path), 1.0),
-        set(multipliers.values()) | {1.0})
-  else:
+  if model is None:
     tx = make_tx(schedule(config))
+  else:
+    from lowrank_jax.reparam import noble  # pylint: disable=g-import-not-at-top
+    tx = noble.optimizer(make_tx, schedule(config), model)
   if o.clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
   return tx
 
-
-def _lr_multipliers(model) -> dict[tuple[str, ...], float]:
-  from lowrank_jax.reparam import noble  # pylint: disable=g-import-not-at-top
-  return noble.lr_multipliers(model)

@@ -239,10 +239,13 @@ def optimizer(make_tx: Callable[[Any], optax.GradientTransformation],
   """``make_tx(learning_rate * multiplier)`` per NOBLE leaf (`optim.labels.partition_by_multiplier`).
 
   Leaves without a multiplier (W, W_down, biases, every non-NOBLE parameter)
-  get ``make_tx(learning_rate)``; ``learning_rate`` may be an optax schedule. Example:
+  get ``make_tx(learning_rate)``; ``learning_rate`` may be an optax schedule. A model
+  without NOBLE layers gets ``make_tx(learning_rate)`` itself. Example:
   ``nnx.Optimizer(model, noble.optimizer(optax.adamw, 1e-3, model), wrt=lrj.AdapterParam)``.
   """
   table = lr_multipliers(model)
+  if not table:
+    return make_tx(learning_rate)
   return labels.partition_by_multiplier(
       make_tx, learning_rate, lambda path, _: table.get(labels.key_names(path), 1.0),
       set(table.values()) | {1.0})
