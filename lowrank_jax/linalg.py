@@ -1,9 +1,14 @@
 """Dense linear algebra shared by adapters, reparameterizations and optimizers.
 
-`jax.numpy` (numpy only for static index tables); nothing of lowrank_jax is
-imported here. Every routine accumulates in float32 (or the input dtype if
-wider) and returns arrays in that accumulation dtype; callers cast back to
-their parameter dtype.
+`jax.numpy`; nothing of lowrank_jax is imported here. Every routine accumulates
+in float32 (or the input dtype if wider) and returns arrays in that
+accumulation dtype; callers cast back to their parameter dtype.
+
+The SVD routines (`svd_topk`, `orthonormalize`, `randomized_svd`) compute in
+the namespace of their input: `jax.numpy` for JAX arrays and tracers, NumPy
+for NumPy arrays. The NumPy form runs eagerly through LAPACK with no XLA
+compilation, which is how LoRA's weight-aware inits run on a CPU host
+(`adapters.init.lora_factors`).
 
 Conventions: a matrix ``w`` has shape (m, n). A truncated SVD returns
 ``(u, s, vt)`` with ``u`` (m, k), ``s`` (k,) descending, ``vt`` (k, n), so
@@ -30,9 +35,24 @@ def accumulation_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def namespace(w):
+  """NumPy for NumPy arrays, `jax.numpy` for everything else (JAX arrays, tracers)."""
+  return np if isinstance(w, np.ndarray) else jnp
+
+
 def _as_float(w: Array) -> Array:
-  w = jnp.asarray(w)
+  w = w if isinstance(w, np.ndarray) else jnp.asarray(w)
   return w.astype(accumulation_dtype(w.dtype))
+
+
+def _gaussian(key: Array, shape: tuple[int, ...], dtype, xp):
+  """Standard normal test matrix: `jax.random.normal` for `jax.numpy`; for NumPy,
+  a NumPy generator seeded with the key's data (a different draw of the same law)."""
+  if xp is jnp:
+    return jax.random.normal(key, shape, dtype=dtype)
+  seed = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                    else key)
+  return np.random.default_rng(seed.astype(np.uint64)).standard_normal(shape, dtype=dtype)
 
 
 def _check_matrix(w: Array, name: str = "w") -> None:
@@ -62,7 +82,7 @@ def svd_topk(w: Array, k: int, *, largest: bool = True) -> tuple[Array, Array, A
   """
   _check_matrix(w)
   _check_rank(k, w.shape)
-  u, s, vt = jnp.linalg.svd(_as_float(w), full_matrices=False)
+  u, s, vt = namespace(w).linalg.svd(_as_float(w), full_matrices=False)
   if largest:
     return u[:, :k], s[:k], vt[:k]
   return u[:, -k:], s[-k:], vt[-k:]
@@ -75,8 +95,9 @@ def orthonormalize(x: Array) -> Array:
   function of ``x`` (Householder QR alone is only unique up to column signs).
   """
   _check_matrix(x, "x")
-  q, r = jnp.linalg.qr(_as_float(x))
-  signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
+  xp = namespace(x)
+  q, r = xp.linalg.qr(_as_float(x))
+  signs = xp.where(xp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
   return q * signs[None, :]
 
 
@@ -112,15 +133,15 @@ def randomized_svd(
   _check_rank(k, w.shape)
   if niter < 0 or oversample < 0:
     raise ValueError(f"niter and oversample must be >= 0, got {niter}, {oversample}.")
+  xp = namespace(w)
   w = _as_float(w)
   m, n = w.shape
   width = min(k + oversample, m, n)
-  omega = jax.random.normal(key, (n, width), dtype=w.dtype)
-  q = orthonormalize(w @ omega)
+  q = orthonormalize(w @ _gaussian(key, (n, width), w.dtype, xp))
   for _ in range(niter):
     q = orthonormalize(w.T @ q)
     q = orthonormalize(w @ q)
-  u_small, s, vt = jnp.linalg.svd(q.T @ w, full_matrices=False)
+  u_small, s, vt = xp.linalg.svd(q.T @ w, full_matrices=False)
   return (q @ u_small)[:, :k], s[:k], vt[:k]
 
 

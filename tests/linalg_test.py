@@ -12,11 +12,23 @@ def _rand(shape, seed):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+# The SVD routines compute in their input's namespace: NumPy in, NumPy out; JAX in, JAX out.
+NAMESPACES = {"numpy": np.asarray, "jax": jnp.asarray}
+in_each_namespace = pytest.mark.parametrize("as_array", NAMESPACES.values(), ids=NAMESPACES.keys())
+
+
+def _check_namespace(as_array, *outputs):
+  kind = np.ndarray if as_array is np.asarray else jax.Array
+  assert all(isinstance(x, kind) for x in outputs), [type(x) for x in outputs]
+
+
 @pytest.mark.parametrize("shape,k", [((12, 7), 3), ((5, 9), 5), ((8, 8), 1)])
 @pytest.mark.parametrize("largest", [True, False])
-def test_svd_topk_matches_numpy(shape, k, largest):
+@in_each_namespace
+def test_svd_topk_matches_numpy(shape, k, largest, as_array):
   w = _rand(shape, seed=hash((shape, k, largest)) % 2**32)
-  u, s, vt = linalg.svd_topk(w, k, largest=largest)
+  u, s, vt = linalg.svd_topk(as_array(w), k, largest=largest)
+  _check_namespace(as_array, u, s, vt)
   nu, ns, nvt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
   sel = slice(0, k) if largest else slice(len(ns) - k, len(ns))
   np.testing.assert_allclose(s, ns[sel], rtol=1e-5)
@@ -30,35 +42,45 @@ def test_svd_topk_rejects_bad_rank():
     linalg.svd_topk(np.ones((4, 3), np.float32), 0)
 
 
-def test_randomized_svd_recovers_low_rank_matrix():
+@in_each_namespace
+def test_randomized_svd_recovers_low_rank_matrix(as_array):
   rng = np.random.default_rng(1)
   left = np.linalg.qr(rng.standard_normal((60, 6)))[0]
   right = np.linalg.qr(rng.standard_normal((40, 6)))[0]
   spectrum = np.array([10.0, 8.0, 5.0, 3.0, 2.0, 1.0])
   w = (left * spectrum) @ right.T + 1e-4 * rng.standard_normal((60, 40))
-  u, s, vt = linalg.randomized_svd(w.astype(np.float32), 4, key=jax.random.key(3), niter=2)
+  u, s, vt = linalg.randomized_svd(as_array(w.astype(np.float32)), 4, key=jax.random.key(3), niter=2)
+  _check_namespace(as_array, u, s, vt)
   np.testing.assert_allclose(s, spectrum[:4], rtol=1e-3)
   exact = np.linalg.svd(w)
   best = exact[0][:, :4] @ np.diag(exact[1][:4]) @ exact[2][:4]
   np.testing.assert_allclose(u @ np.diag(s) @ vt, best, atol=1e-3)
 
 
-def test_randomized_svd_error_falls_with_niter():
+@in_each_namespace
+def test_randomized_svd_error_falls_with_niter(as_array):
   w = _rand((80, 50), seed=4)  # flat spectrum: the hard case for sketching
   exact = np.linalg.svd(w, compute_uv=False)[:5]
   errors = []
   for niter in (0, 4):
-    _, s, _ = linalg.randomized_svd(w, 5, key=jax.random.key(0), niter=niter, oversample=0)
+    _, s, _ = linalg.randomized_svd(as_array(w), 5, key=jax.random.key(0), niter=niter, oversample=0)
     errors.append(np.abs(np.asarray(s) - exact).max())
   assert errors[1] < errors[0]
 
 
-def test_orthonormalize_is_orthonormal_and_spans_input():
+@in_each_namespace
+def test_orthonormalize_is_orthonormal_and_spans_input(as_array):
   x = _rand((10, 4), seed=5)
-  q = np.asarray(linalg.orthonormalize(x))
+  q = linalg.orthonormalize(as_array(x))
+  _check_namespace(as_array, q)
+  q = np.asarray(q)
   np.testing.assert_allclose(q.T @ q, np.eye(4), atol=1e-5)
   # Same column span: projecting x onto span(q) leaves it unchanged.
   np.testing.assert_allclose(q @ (q.T @ x), x, atol=1e-4)
+  # Signs fixed: x = q r with r upper triangular and a positive diagonal.
+  r = q.T @ x
+  np.testing.assert_allclose(np.tril(r, -1), 0.0, atol=1e-5)
+  assert np.all(np.diag(r) > 0)
 
 
 def test_polar_and_newton_schulz():

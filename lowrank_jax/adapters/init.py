@@ -13,6 +13,11 @@ calibration gradient dL/dW0 in the same (fan_in, fan_out) layout
 (`lowrank_jax.calibrate.collect`); whether they compensate W0 is an option
 whose default follows each paper. Every function computes in float32 and
 returns float32 arrays.
+
+The weight-aware inits are written once for `jax.numpy` and NumPy (through
+`linalg.namespace`): `lora_factors` runs them in NumPy when the weight sits
+on one CPU device, so attaching on a CPU host compiles nothing, and jitted
+everywhere else (accelerators, sharded weights, inside a trace).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowrank_jax import linalg
 
@@ -62,7 +68,7 @@ def gaussian_init(key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors
 
 
 def _split_singular(u: Array, s: Array, vt: Array, w0: Array, scale: float) -> LoRAFactors:
-  root = jnp.sqrt(s / scale)
+  root = linalg.namespace(s).sqrt(s / scale)
   a = u * root[None, :]
   b = root[:, None] * vt
   return LoRAFactors(a, b, w0 - scale * (a @ b))
@@ -76,15 +82,15 @@ def pissa_init(key: Array, w0: Array, rank: int, scale: float, *,
   With the top-r SVD ``w0 ~= U_r S_r V_r^T``: ``a = U_r (S_r/s)^(1/2)``,
   ``b = (S_r/s)^(1/2) V_r^T`` and ``w_res = w0 - s a b`` (PEFT divides the
   singular values by the scale ``s`` so that ``s a b = U_r S_r V_r^T``).
-  ``niter`` selects the randomized SVD with that many power iterations (PEFT's
-  ``pissa_niter_k``); ours oversamples by 8 columns where torch.svd_lowrank
-  uses none, which only makes the factors closer to the exact ones.
+  ``niter`` selects the randomized SVD with that many power iterations and a
+  sketch of exactly r columns, PEFT's ``pissa_niter_k``
+  (``torch.svd_lowrank(W, q=r, niter=k)``, no oversampling).
   """
   w0 = w0.astype(jnp.float32)
   if niter is None:
     u, s, vt = linalg.svd_topk(w0, rank)
   else:
-    u, s, vt = linalg.randomized_svd(w0, rank, key=key, niter=niter)
+    u, s, vt = linalg.randomized_svd(w0, rank, key=key, niter=niter, oversample=0)
   return _split_singular(u, s, vt, w0, scale)
 
 
@@ -111,7 +117,7 @@ def olora_init(key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
   """
   del key
   w0 = w0.astype(jnp.float32)
-  q, r = jnp.linalg.qr(w0.T)
+  q, r = linalg.namespace(w0).linalg.qr(w0.T)
   a = r[:rank].T
   b = q[:, :rank].T
   return LoRAFactors(a, b, w0 - scale * (a @ b))
@@ -240,15 +246,35 @@ def check_init(init: str) -> None:
     raise ValueError(f"Unknown LoRA init {init!r}; known inits: {list(INIT_NAMES)}.")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def lora_factors(init: str, key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
-  """Dispatch to the LoRA init named ``init`` (see `INIT_NAMES`).
+  """The LoRA init named ``init`` (see `INIT_NAMES`), as arrays placed like ``w0``.
 
-  Jitted (cached per init, shape, rank and scale), so attaching to many layers of
-  the same shape compiles once instead of dispatching every SVD/QR op eagerly.
+  A weight-aware init of a weight on one CPU device runs in NumPy (LAPACK, no
+  XLA compilation). Every other case runs `_compiled_lora_factors`, cached per
+  init, shape, rank and scale, so attaching to many layers of the same shape
+  compiles once. With ``pissa_niter_<k>`` the two draw their Gaussian sketch
+  differently (`linalg.randomized_svd`); every other init gives the same
+  factors on both, up to float rounding.
   """
   check_init(init)
+  if is_weight_aware(init) and _on_one_cpu_device(w0):
+    factors = _lora_factors(init, key, np.asarray(w0), rank, scale)
+    return LoRAFactors(*(jax.device_put(x, w0.sharding) for x in factors))
+  return _compiled_lora_factors(init, key, w0, rank, scale)
+
+
+def _on_one_cpu_device(w0: Array) -> bool:
+  if isinstance(w0, jax.core.Tracer) or not isinstance(w0, jax.Array):
+    return False
+  devices = w0.devices()
+  return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def _lora_factors(init: str, key: Array, w0: Array, rank: int, scale: float) -> LoRAFactors:
   match = _PISSA_NITER.fullmatch(init)
   if match:
     return pissa_init(key, w0, rank, scale, niter=int(match.group(1)))
   return _SIMPLE_INITS[init](key, w0, rank, scale)
+
+
+_compiled_lora_factors = jax.jit(_lora_factors, static_argnums=(0, 3, 4))
