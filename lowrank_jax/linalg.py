@@ -1,8 +1,9 @@
 """Dense linear algebra shared by adapters, reparameterizations and optimizers.
 
-`jax.numpy`; nothing of lowrank_jax is imported here. Every routine accumulates
-in float32 (or the input dtype if wider) and returns arrays in that
-accumulation dtype; callers cast back to their parameter dtype.
+`jax.numpy` (numpy for static index tables and the NumPy forms below); nothing
+of lowrank_jax is imported here. Every routine accumulates in float32 (or the
+input dtype if wider) and returns arrays in that accumulation dtype; callers
+cast back to their parameter dtype.
 
 The SVD routines (`svd_topk`, `orthonormalize`, `randomized_svd`) compute in
 the namespace of their input: `jax.numpy` for JAX arrays and tracers, NumPy
